@@ -1,0 +1,34 @@
+"""dip-uq's physics layer: CT geometries, differentiable ray transforms and their helpers.
+
+This package never imports ``dip_uq``; anything with ``A(x)`` and ``A.T(y)`` can stand in for
+a ``RayTransform`` in the layers above.
+"""
+
+from .errors import BackendUnavailable, GeometryError
+from .geometry import (
+    ConeBeam3D,
+    ConeVec3D,
+    FanBeam2D,
+    Parallel2D,
+    Parallel3D,
+    ParallelVec3D,
+    ProjectionGeometry,
+    VolumeGeometry,
+    uniform_angles,
+)
+from .transform import RayTransform
+
+__all__ = [
+    "BackendUnavailable",
+    "GeometryError",
+    "VolumeGeometry",
+    "ProjectionGeometry",
+    "Parallel2D",
+    "FanBeam2D",
+    "Parallel3D",
+    "ConeBeam3D",
+    "ParallelVec3D",
+    "ConeVec3D",
+    "uniform_angles",
+    "RayTransform",
+]
