@@ -150,7 +150,7 @@ class VolumeGeometry:
         import astra  # local: astra is optional at import time
 
         if self.ndim == 2:
-            (h, w), (cy, cx) = self.shape, self.center
+            h, w = self.shape
             lo_y, lo_x = self.min_pt
             hi_y, hi_x = self.max_pt
             return astra.create_vol_geom(h, w, lo_x, hi_x, -hi_y, -lo_y)
