@@ -67,15 +67,18 @@ def _check_angles(angles: Any) -> tuple[float, ...]:
 
 
 def _fmt_angles(angles: tuple[float, ...]) -> str:
-    """Angles in a form that reads like code: ``uniform_angles(...)`` when they are."""
+    """Angles in a form that reads like code and evaluates back to the same values:
+    ``uniform_angles(...)`` when they are exactly that, else the full tuple."""
     n = len(angles)
-    if n >= 3:
+    if n >= 2:
         step = (angles[-1] - angles[0]) / (n - 1)
-        ref = np.asarray(angles[0]) + step * np.arange(n)
-        if step > 0 and np.allclose(ref, angles, atol=1e-12, rtol=0):
-            stop = angles[0] + step * n
-            return f"uniform_angles({n}, start={angles[0]:.6g}, stop={stop:.6g})"
-    return "(" + ", ".join(f"{a:.6g}" for a in angles) + ("," if n == 1 else "") + ")"
+        named = {math.pi: "math.pi", 2 * math.pi: "2 * math.pi"}
+        for stop in (math.pi, 2 * math.pi, angles[0] + step * n):
+            if stop > angles[0] and uniform_angles(n, start=angles[0], stop=stop) == angles:
+                start = "" if angles[0] == 0 else f", start={angles[0]!r}"
+                stop_s = "" if stop == math.pi else f", stop={named.get(stop, repr(stop))}"
+                return f"uniform_angles({n}{start}{stop_s})"
+    return "(" + ", ".join(repr(a) for a in angles) + ("," if n == 1 else "") + ")"
 
 
 # --------------------------------------------------------------------------------------
@@ -159,10 +162,10 @@ class VolumeGeometry:
         return astra.create_vol_geom(h, w, d, lo[2], hi[2], lo[1], hi[1], lo[0], hi[0])
 
     def __repr__(self) -> str:
-        def f(t: tuple[float, ...]) -> str:
-            return "(" + ", ".join(f"{v:g}" for v in t) + ")"
-
-        return f"VolumeGeometry(shape={self.shape}, voxel_size={f(self.voxel_size)}, center={f(self.center)})"
+        return (
+            f"VolumeGeometry(shape={self.shape}, voxel_size={self.voxel_size!r}, "
+            f"center={self.center!r})"
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -291,9 +294,7 @@ class ProjectionGeometry:
             elif name == "vectors":
                 parts.append(f"vectors=<{len(val)} x {len(val[0])} array>")
             elif isinstance(val, float):
-                parts.append(f"{name}={val:g}")
-            elif isinstance(val, tuple) and val and isinstance(val[0], float):
-                parts.append(f"{name}=(" + ", ".join(f"{x:g}" for x in val) + ")")
+                parts.append(f"{name}={val!r}")
             else:
                 parts.append(f"{name}={val!r}")
         return f"{type(self).__name__}(" + ", ".join(parts) + ")"
