@@ -1,0 +1,34 @@
+"""Loaders for public CT data sets and user scans. They read local files only: nothing here
+downloads anything (see ``data/scripts/`` for download recipes)."""
+
+from .dicom import hu_to_attenuation, read_dicom_series, read_dicom_slice
+from .walnut import (
+    WALNUT_DETECTOR_SHAPE,
+    WALNUT_VOLUME,
+    MatrixOperator,
+    WalnutProjections,
+    WalnutSlice,
+    load_walnut_ground_truth,
+    load_walnut_projections,
+    read_walnut_geometry,
+    resample_detector,
+    walnut_orient,
+    walnut_slice_problem,
+)
+
+__all__ = [
+    "hu_to_attenuation",
+    "read_dicom_series",
+    "read_dicom_slice",
+    "WALNUT_DETECTOR_SHAPE",
+    "WALNUT_VOLUME",
+    "MatrixOperator",
+    "WalnutProjections",
+    "WalnutSlice",
+    "load_walnut_ground_truth",
+    "load_walnut_projections",
+    "read_walnut_geometry",
+    "resample_detector",
+    "walnut_orient",
+    "walnut_slice_problem",
+]
