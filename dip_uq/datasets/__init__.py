@@ -2,6 +2,14 @@
 downloads anything (see ``data/scripts/`` for download recipes)."""
 
 from .dicom import hu_to_attenuation, read_dicom_series, read_dicom_slice
+from .lodopab import (
+    LODOPAB_MU_MAX,
+    LODOPAB_N0,
+    LoDoPaB,
+    lodopab_geometry,
+    lodopab_noise,
+    lodopab_operator,
+)
 from .walnut import (
     WALNUT_DETECTOR_SHAPE,
     WALNUT_VOLUME,
@@ -17,6 +25,12 @@ from .walnut import (
 )
 
 __all__ = [
+    "LODOPAB_MU_MAX",
+    "LODOPAB_N0",
+    "LoDoPaB",
+    "lodopab_geometry",
+    "lodopab_noise",
+    "lodopab_operator",
     "hu_to_attenuation",
     "read_dicom_series",
     "read_dicom_slice",
