@@ -2,6 +2,7 @@
 downloads anything (see ``data/scripts/`` for download recipes)."""
 
 from .dicom import hu_to_attenuation, read_dicom_series, read_dicom_slice
+from .kmnist import kmnist_operator, load_images, read_idx
 from .lodopab import (
     LODOPAB_MU_MAX,
     LODOPAB_N0,
@@ -25,6 +26,9 @@ from .walnut import (
 )
 
 __all__ = [
+    "kmnist_operator",
+    "load_images",
+    "read_idx",
     "LODOPAB_MU_MAX",
     "LODOPAB_N0",
     "LoDoPaB",
