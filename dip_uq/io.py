@@ -354,7 +354,7 @@ def write_volume(
             kwargs: dict[str, Any] = {}
             if sp is not None and arr.ndim >= 2:
                 kwargs["resolution"] = (1.0 / sp[-1], 1.0 / sp[-2])
-            tifffile.imwrite(tmp, arr, metadata=md, **kwargs)
+            tifffile.imwrite(tmp, arr, metadata=md, photometric="minisblack", **kwargs)
 
     elif suffix in (".nii", ".nii.gz"):
         nib = _nibabel()
