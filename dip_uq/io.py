@@ -210,12 +210,18 @@ def read_spacing(path: str | os.PathLike, *, key: str | None = None) -> tuple[fl
         img = _nibabel().load(str(path))
         ndim = len(img.shape)
         zooms = np.linalg.norm(img.affine[:3, :ndim], axis=0)
-        return tuple(float(z) for z in zooms[::-1])
+        return tuple(_f32(z) for z in zooms[::-1])
     if suffix == ".dcm":
         from .datasets.dicom import read_dicom_slice
 
         return tuple(read_dicom_slice(path)[1])
     raise DataFormatError(f"{path}: unknown suffix {suffix!r}")
+
+
+def _f32(value: float) -> float:
+    """NIfTI headers hold float32: report the shortest decimal that float32 value stands for
+    (0.66, not 0.6600000262260437)."""
+    return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
 
 
 def _tiff_spacing(path: Path) -> tuple[float, ...] | None:
@@ -403,7 +409,7 @@ def read_origin(path: str | os.PathLike) -> tuple[float, ...] | None:
         return None
     if suffix in (".nii", ".nii.gz"):
         img = _nibabel().load(str(path))
-        return tuple(float(v) for v in img.affine[: len(img.shape), 3][::-1])
+        return tuple(_f32(v) for v in img.affine[: len(img.shape), 3][::-1])
     return None
 
 
