@@ -12,9 +12,11 @@ import torch
 
 from dip_uq.datasets.walnut import (
     WALNUT_DETECTOR_SHAPE,
+    _chord_lengths,
     closest_rows,
     load_walnut_ground_truth,
     load_walnut_projections,
+    max_fraction_rows,
     read_walnut_geometry,
     resample_detector,
     walnut_orient,
@@ -303,3 +305,28 @@ def test_dead_pixels_are_clipped_with_warning(tmp_path):
         data = load_walnut_projections(tmp_path, volume=VOL)
     assert torch.isfinite(data.projections).all()
     assert float(data.projections.max()) == pytest.approx(-math.log(1e-6), rel=1e-6)
+
+
+def test_max_fraction_rows_against_full_3d_projection():
+    """The literature's rule, brute force: project the slice's indicator and a volume of ones
+    through the whole 3D grid for every detector pixel; take the row with the largest ratio."""
+    vol = VolumeGeometry(shape=(7, 7, 7), voxel_size=0.1)
+    vecs = fake_vectors((0.0, 1.1, 2.5), rows=15, cols=5, src_z=0.13, pixel=0.1)
+    geom = ConeVec3D(vectors=vecs, det_shape=(15, 5))
+    op = RayTransform(vol, geom, backend="torch")
+    for k in (1, 3, 4):
+        ind = torch.zeros(7, 7, 7, dtype=torch.float64)
+        ind[k] = 1.0
+        frac = op(ind) / op(torch.ones(7, 7, 7, dtype=torch.float64)).clamp_min(1e-12)
+        want = frac.argmax(dim=0).numpy()  # (views, cols)
+        np.testing.assert_array_equal(max_fraction_rows(geom, vol, k), want)
+
+
+def test_chord_lengths_by_hand():
+    vol = VolumeGeometry(shape=(4, 4, 4), voxel_size=0.5)  # box [-1, 1]^3
+    src = np.array([[-5.0, 0.0, 0.0], [-5.0, 0.0, 0.0], [-5.0, 3.0, 0.0], [0.0, 0.0, 0.0]])
+    pix = np.array([[5.0, 0.0, 0.0], [5.0, 5.0, 0.0], [5.0, 3.0, 0.0], [0.0, 0.0, 9.0]])
+    # Along x through the centre: 2. The line y = (x + 5)/2 has y >= 2 for x >= -1: misses.
+    # Parallel to x at y = 3: misses. Along z through the centre (the whole line counts, like
+    # the projector's, even though the source sits inside): 2.
+    np.testing.assert_allclose(_chord_lengths(src, pix, vol), [2.0, 0.0, 0.0, 2.0])

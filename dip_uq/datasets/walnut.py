@@ -486,6 +486,83 @@ def closest_rows(geometry: ConeVec3D, z0: float, center_xy: tuple[float, float] 
     return out
 
 
+def _pixel_rays(geometry: ConeVec3D, rows: np.ndarray) -> ConeVec3D:
+    """One 1 x 1-detector view per (view, column): source -> centre of pixel
+    ``(rows[view, col], col)``; views ordered view-major (``view * cols + col``)."""
+    v = geometry.to_vec()
+    n_rows, cols = geometry.det_shape
+    views = v.shape[0]
+    j = (np.arange(cols) - (cols - 1) / 2)[None, :, None]
+    off = (rows - (n_rows - 1) / 2)[..., None]
+    pix = v[:, None, 3:6] + j * v[:, None, 6:9] + off * v[:, None, 9:12]
+    shape = (views, rows.shape[1], 3)
+    vecs = np.concatenate(
+        [
+            np.broadcast_to(v[:, None, 0:3], shape),
+            pix,
+            np.broadcast_to(v[:, None, 6:9], shape),
+            np.broadcast_to(v[:, None, 9:12], shape),
+        ],
+        axis=-1,
+    ).reshape(-1, 12)
+    return ConeVec3D(vectors=vecs, det_shape=(1, 1))
+
+
+def _chord_lengths(src: np.ndarray, pix: np.ndarray, volume: VolumeGeometry) -> np.ndarray:
+    """Length (world units) of the chord of the line through ``src`` and ``pix`` inside the
+    volume box (the whole line, as the projector integrates it), by clipping per axis;
+    ``src``, ``pix`` are ``(..., 3)`` xyz."""
+    d = pix - src
+    lo = np.asarray(volume.min_pt[::-1])
+    hi = np.asarray(volume.max_pt[::-1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1, t2 = (lo - src) / d, (hi - src) / d
+    inside = (src >= lo) & (src <= hi)
+    par = d == 0  # parallel to this axis: all t if inside the slab, none otherwise
+    tmin = np.where(par, np.where(inside, -np.inf, np.inf), np.minimum(t1, t2))
+    tmax = np.where(par, np.where(inside, np.inf, -np.inf), np.maximum(t1, t2))
+    t_in, t_out = tmin.max(-1), tmax.min(-1)
+    return np.clip(t_out - t_in, 0.0, None) * np.linalg.norm(d, axis=-1)
+
+
+def max_fraction_rows(
+    geometry: ConeVec3D, volume: VolumeGeometry, slice_index: int, *, band: int = 3
+) -> np.ndarray:
+    """Per (view, column): the detector row whose ray spends the largest fraction of its
+    path through ``volume`` inside slice ``slice_index`` -- the projection of that slice's
+    indicator (torch projector, so with its z-interpolation weights) divided by the ray's
+    chord through the volume box. Candidates: ``band`` rows either side of
+    ``closest_rows``; where no candidate touches the slice, the closest row is kept.
+    Returns int64 ``(views, cols)``."""
+    z0 = float(volume.coords(0)[slice_index])
+    center_xy = (volume.center[2], volume.center[1])
+    base = closest_rows(geometry, z0, center_xy)
+    n_rows = geometry.det_shape[0]
+    offsets = np.arange(-band, band + 1)
+    cand = np.clip(base[..., None] + offsets, 0, n_rows - 1)  # (views, cols, 2 band + 1)
+    views, cols, nc = cand.shape
+    # Each view repeated once per candidate: ray (view, candidate, column) is view
+    # ``view * nc + candidate``'s pixel (row, column) of the repeated geometry.
+    repeated = ConeVec3D(vectors=np.repeat(geometry.to_vec(), nc, 0), det_shape=geometry.det_shape)
+    rays = _pixel_rays(repeated, cand.transpose(0, 2, 1).reshape(views * nc, cols))
+    slab = VolumeGeometry(
+        shape=(1, volume.shape[1], volume.shape[2]),
+        voxel_size=volume.voxel_size,
+        center=(z0, volume.center[1], volume.center[2]),
+    )
+    ones = torch.ones(slab.shape, dtype=torch.float64)
+    in_slice = RayTransform(slab, rays, backend="torch")(ones).reshape(views, nc, cols).numpy()
+    rv = rays.to_vec()
+    chord = _chord_lengths(rv[:, 0:3], rv[:, 3:6], volume).reshape(views, nc, cols)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.where(chord > 0, in_slice / chord, 0.0)
+    best = frac.argmax(axis=1)  # (views, cols)
+    rows = np.take_along_axis(cand, best[..., None], axis=2)[..., 0]
+    none = frac.max(axis=1) <= 0
+    rows[none] = base[none]
+    return rows.astype(np.int64)
+
+
 def walnut_slice_problem(
     root: str | os.PathLike,
     *,
@@ -497,14 +574,19 @@ def walnut_slice_problem(
     downsample: int = 1,
     volume: VolumeGeometry | None = None,
     with_ground_truth: bool = True,
+    row_rule: str = "fraction",
     chunk: int = 64,
     dtype: torch.dtype = torch.float32,
 ) -> WalnutSlice:
     """The literature's 2D Walnut problem (walnut 1, orbit 2, 60 angles x 128 columns,
     slice 253, values x 14) as an explicit sparse matrix.
 
-    For each kept (angle, column) one detector row is chosen: the one whose ray crosses the
-    rotation axis region at the height ``z0`` of slice ``slice_index`` (``closest_rows``).
+    For each kept (angle, column) one detector row is chosen. ``row_rule="fraction"`` (the
+    literature's rule): the row whose ray spends the largest fraction of its path through the
+    volume inside slice ``slice_index`` (``max_fraction_rows``); ``"axis"``: the row whose ray
+    is at the slice height ``z0`` where it passes closest to the rotation axis
+    (``closest_rows``). For these nearly horizontal rays both pick the same or a
+    neighbouring row.
     The rays from the source to those pixel centres are traced (torch projector) through a
     one-voxel-thick grid ``(1, H, W)`` at ``z0``, i.e. the 3D ray transform restricted to the
     slice; its rows are probed into a sparse matrix. Measurements and the ground-truth slice
@@ -528,23 +610,14 @@ def walnut_slice_problem(
     )
     z0 = float(vol3.coords(0)[slice_index])
     center_xy = (vol3.center[2], vol3.center[1])
-    rows = closest_rows(data.geometry, z0, center_xy)  # (views, cols)
+    if row_rule == "axis":
+        rows = closest_rows(data.geometry, z0, center_xy)  # (views, cols)
+    elif row_rule == "fraction":
+        rows = max_fraction_rows(data.geometry, vol3, slice_index)
+    else:
+        raise ValueError(f"row_rule must be 'fraction' or 'axis', got {row_rule!r}")
     views, cols = rows.shape
-    v = data.geometry.to_vec()
-    n_rows = data.geometry.det_shape[0]
-    j = np.arange(cols) - (cols - 1) / 2
-    off = rows - (n_rows - 1) / 2
-    pix = v[:, None, 3:6] + j[None, :, None] * v[:, None, 6:9] + off[..., None] * v[:, None, 9:12]
-    ray_vecs = np.concatenate(
-        [
-            np.broadcast_to(v[:, None, 0:3], (views, cols, 3)),
-            pix,
-            np.broadcast_to(v[:, None, 6:9], (views, cols, 3)),
-            np.broadcast_to(v[:, None, 9:12], (views, cols, 3)),
-        ],
-        axis=-1,
-    ).reshape(views * cols, 12)
-    rays = ConeVec3D(vectors=ray_vecs, det_shape=(1, 1))
+    rays = _pixel_rays(data.geometry, rows)
     h, w = ny // downsample, nx // downsample
     vy, vx = vol3.voxel_size[1] * downsample, vol3.voxel_size[2] * downsample
     slab = VolumeGeometry(
