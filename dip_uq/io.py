@@ -76,7 +76,7 @@ def read_tiff(path: str | os.PathLike) -> np.ndarray:
     Truncated or corrupt files raise ``DataFormatError`` naming the file."""
     import tifffile
 
-    path = Path(path)
+    path = Path(path).expanduser()
     _require_file(path)
     try:
         return np.asarray(tifffile.imread(path))
@@ -149,7 +149,7 @@ def read_array(path: str | os.PathLike, *, key: str | None = None) -> np.ndarray
         DICOM is returned in Hounsfield units, a series as ``(z, y, x)`` sorted by slice
         position (see ``read_dicom_series``); other formats as stored.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         return read_dicom_series(path)[0]
     _require_file(path)
@@ -186,7 +186,7 @@ def read_array(path: str | os.PathLike, *, key: str | None = None) -> np.ndarray
 def read_spacing(path: str | os.PathLike, *, key: str | None = None) -> tuple[float, ...] | None:
     """Voxel spacing in array order (``(z, y, x)`` for volumes) when the format stores it,
     else ``None`` (``.npy``, TIFF/HDF5 without spacing metadata)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         return tuple(read_dicom_series(path)[1])
     _require_file(path)
@@ -309,7 +309,7 @@ def write_volume(
     ``diag(spacing_xyz)`` with the origin as translation, data transposed to ``(x, y, z)``.
     The file appears atomically (temp file + ``os.replace``). Returns the path.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     arr = _as_numpy(array)
     if arr.dtype == object or arr.ndim == 0:
         raise ValueError(f"cannot write {path}: need a numeric array, got dtype {arr.dtype}")
@@ -387,7 +387,7 @@ def write_volume(
 
 def read_origin(path: str | os.PathLike) -> tuple[float, ...] | None:
     """World position of voxel ``[0, ...]`` (array order) when the format stores it."""
-    path = Path(path)
+    path = Path(path).expanduser()
     _require_file(path)
     suffix = _suffix(path)
     if suffix == ".npz":

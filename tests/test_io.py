@@ -135,3 +135,11 @@ def test_nifti_missing_gives_clear_message(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match="pip install nibabel"):
         write_volume(tmp_path / "v.nii", VOL)
+
+
+def test_home_directory_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_volume("~/sub/v.npz", VOL, spacing=1.5)
+    assert (tmp_path / "sub" / "v.npz").is_file()
+    np.testing.assert_array_equal(read_array("~/sub/v.npz"), VOL)
+    assert read_spacing("~/sub/v.npz") == (1.5, 1.5, 1.5)

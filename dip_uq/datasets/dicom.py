@@ -64,7 +64,7 @@ def _pixel_spacing(ds: Any, path: Path) -> tuple[float, float]:
 def read_dicom_slice(path: str | os.PathLike) -> tuple[np.ndarray, tuple[float, float], dict]:
     """One DICOM slice: ``(hu (H, W) float32, (dy, dx) in mm, meta)``; no flips."""
     pydicom = _pydicom()
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     try:
@@ -100,7 +100,7 @@ def read_dicom_series(
         ``[0, 0, 0]``), ``orientation``, ``files`` (sorted), ``series_uid``, ``modality``.
     """
     pydicom = _pydicom()
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: DICOM folder not found")
     found = []

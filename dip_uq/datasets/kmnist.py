@@ -37,7 +37,7 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """An idx file (``*-idx3-ubyte`` or ``.gz``): magic ``0 0 type ndim``, ``ndim`` big-endian
     uint32 sizes, then the data. Returns the array in its stored shape (``(N, 28, 28)``)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: idx file not found")
     opener = gzip.open if path.suffix == ".gz" else open
@@ -126,7 +126,7 @@ def load_images(
         normalize: ``"dtype"`` (integers divided by their maximum, floats must lie in
             ``[0, 1]``), ``"minmax"`` (each image to ``[0, 1]``) or ``"none"``.
     """
-    path = Path(path_or_folder)
+    path = Path(path_or_folder).expanduser()
     if n is not None and n < 1:
         raise ValueError(f"n must be positive, got {n}")
     if path.is_dir():

@@ -137,7 +137,7 @@ class LoDoPaB:
             raise ValueError(f"part must be one of {sorted(LODOPAB_LENGTHS)}, got {part!r}")
         if orientation not in ("ours", "raw"):
             raise ValueError(f"orientation must be 'ours' or 'raw', got {orientation!r}")
-        self.root = Path(root)
+        self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: LoDoPaB folder not found")
         self.part, self.orientation, self.dtype = part, orientation, dtype

@@ -54,6 +54,9 @@ __all__ = [
     "load_walnut_projections",
     "load_walnut_ground_truth",
     "walnut_slice_problem",
+    "closest_rows",
+    "max_fraction_rows",
+    "probe_matrix",
 ]
 
 #: Detector ``(rows, cols)`` after the orientation fix (raw TIFFs are 768 x 972).
@@ -86,7 +89,7 @@ def _projection_dir(root: Path, orbit: int) -> Path:
 def read_walnut_geometry(path: str | os.PathLike) -> np.ndarray:
     """``scan_geom_corrected.geom``: whitespace-separated rows of 12 numbers (ASTRA
     ``cone_vec``: source, detector centre, u, v; mm). Returns ``(n_rows, 12)`` float64."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: geometry file not found")
     rows = []
@@ -227,7 +230,7 @@ def load_walnut_projections(
         min_transmission: normalised intensities below this (dead pixels) are clipped to it
             before the log, with a warning.
     """
-    root = Path(root)
+    root = Path(root).expanduser()
     pdir = _projection_dir(root, orbit)
     vecs_all = read_walnut_geometry(pdir / "scan_geom_corrected.geom")
     n_angles = vecs_all.shape[0] - 1
@@ -299,7 +302,7 @@ def load_walnut_ground_truth(
 
     Returns float32 ``(z, y, x)`` (or ``(y, x)`` for an int ``slices``) in 1/mm, from
     ``Reconstructions/full_AGD_50_%06d.tiff`` (file ``k`` = slice ``z = k``)."""
-    rdir = Path(root) / "Reconstructions"
+    rdir = Path(root).expanduser() / "Reconstructions"
     if not rdir.is_dir():
         raise FileNotFoundError(f"{rdir}: reconstruction folder not found")
     single = isinstance(slices, int | np.integer)
