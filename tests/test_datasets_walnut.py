@@ -12,6 +12,7 @@ import torch
 
 from dip_uq.datasets.walnut import (
     WALNUT_DETECTOR_SHAPE,
+    MatrixOperator,
     _chord_lengths,
     closest_rows,
     load_walnut_ground_truth,
@@ -330,3 +331,24 @@ def test_chord_lengths_by_hand():
     # Parallel to x at y = 3: misses. Along z through the centre (the whole line counts, like
     # the projector's, even though the source sits inside): 2.
     np.testing.assert_allclose(_chord_lengths(src, pix, vol), [2.0, 0.0, 0.0, 2.0])
+
+
+def test_matrix_operator_batches_autograd_and_errors():
+    ind = torch.tensor([[0, 1, 2, 2], [0, 3, 5, 1]])
+    m = torch.sparse_coo_tensor(
+        ind, torch.tensor([1.0, 2.0, 3.0, -1.0]), (3, 6), check_invariants=True
+    )
+    op = MatrixOperator(m, (2, 3), (3,))
+    dense = m.to_dense().double()
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    np.testing.assert_allclose(op(x).numpy(), (x.reshape(4, 6) @ dense.T).numpy(), atol=1e-12)
+    y = torch.randn(5, 3, dtype=torch.float64)
+    np.testing.assert_allclose(op.T(y).numpy(), (y @ dense).reshape(5, 2, 3).numpy(), atol=1e-12)
+    assert op.T.domain_shape == (3,) and op.T.range_shape == (2, 3) and op.T.T is op
+    xr = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(op, (xr,))
+    assert op.norm() == pytest.approx(float(torch.linalg.matrix_norm(dense, 2)), rel=1e-6)
+    with pytest.raises(ValueError, match=r"expected input \(\.\.\., \(2, 3\)\), got \(3, 2\)"):
+        op(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="does not match range"):
+        MatrixOperator(m, (2, 2), (3,))

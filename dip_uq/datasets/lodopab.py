@@ -172,8 +172,9 @@ class LoDoPaB:
             counts.append(n_gt)
         self._offsets = np.concatenate([[0], np.cumsum(counts)])
         total = int(self._offsets[-1])
-        # The last official file may be zero-padded to 128 samples.
-        self._len = min(total, LODOPAB_LENGTHS[part]) if total >= LODOPAB_LENGTHS[part] else total
+        # The last official file may be zero-padded to 128 samples: never count past the
+        # official length of the part.
+        self._len = min(total, LODOPAB_LENGTHS[part])
         self._handles: dict[Path, object] = {}
 
     @staticmethod

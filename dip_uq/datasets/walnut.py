@@ -348,6 +348,14 @@ class _MatrixAdjoint(nn.Module):
     def T(self) -> MatrixOperator:  # noqa: N802 - mathematical notation
         return self._op
 
+    @property
+    def domain_shape(self) -> tuple[int, ...]:
+        return self._op.range_shape
+
+    @property
+    def range_shape(self) -> tuple[int, ...]:
+        return self._op.domain_shape
+
 
 class MatrixOperator(nn.Module):
     """A linear operator given by a sparse matrix: ``(..., *domain_shape) ->
@@ -471,7 +479,9 @@ class WalnutSlice:
     scale: float
 
 
-def closest_rows(geometry: ConeVec3D, z0: float, center_xy: tuple[float, float] = (0.0, 0.0)):
+def closest_rows(
+    geometry: ConeVec3D, z0: float, center_xy: tuple[float, float] = (0.0, 0.0)
+) -> np.ndarray:
     """Per (view, column): the detector row whose ray is at height ``z0`` where it passes
     closest to the vertical axis through ``center_xy``; returns int64 ``(views, cols)``."""
     v = geometry.to_vec()
