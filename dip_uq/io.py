@@ -199,7 +199,11 @@ def read_spacing(path: str | os.PathLike, *, key: str | None = None) -> tuple[fl
     if suffix in (".h5", ".hdf5"):
         import h5py
 
-        with h5py.File(path, "r") as f:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as err:
+            raise DataFormatError(f"{path}: cannot open HDF5 file: {err}") from err
+        with f:
             name = key or ("data" if "data" in f else None)
             obj = f[name] if name is not None else f
             sp = obj.attrs.get("spacing")

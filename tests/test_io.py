@@ -117,6 +117,8 @@ def test_bad_input(tmp_path):
     (tmp_path / "bad.h5").write_bytes(b"nope")
     with pytest.raises(DataFormatError, match="bad.h5: cannot open HDF5"):
         read_array(tmp_path / "bad.h5")
+    with pytest.raises(DataFormatError, match="bad.h5: cannot open HDF5"):
+        read_spacing(tmp_path / "bad.h5")
     (tmp_path / "bad.npy").write_bytes(b"nope")
     with pytest.raises(DataFormatError, match="bad.npy"):
         read_array(tmp_path / "bad.npy")

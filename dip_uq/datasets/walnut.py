@@ -69,8 +69,8 @@ WALNUT_SLICE_SCALE = 14.0
 
 
 def walnut_orient(img: np.ndarray) -> np.ndarray:
-    """The data set's read-out fix: ``transpose(flipud(img))`` (raw ``(a, b)`` -> ``(b, a)``;
-    detector pixel ``(r, c)`` = raw pixel ``(a - 1 - c, r)``)."""
+    """The data set's read-out fix ``transpose(flipud(img))``: a raw image of shape ``(A, B)``
+    becomes ``(B, A)``, and detector pixel ``(r, c)`` is raw pixel ``(A - 1 - c, r)``."""
     return np.transpose(np.flipud(img))
 
 
