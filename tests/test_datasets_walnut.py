@@ -352,3 +352,29 @@ def test_matrix_operator_batches_autograd_and_errors():
         op(torch.zeros(3, 2))
     with pytest.raises(ValueError, match="does not match range"):
         MatrixOperator(m, (2, 2), (3,))
+
+
+def test_slice_matrix_cache(tmp_path, monkeypatch):
+    from dip_uq.datasets import walnut as wmod
+
+    root = tmp_path / "w"
+    vecs = fake_vectors(ANGLES, rows=7, cols=6)
+    write_walnut(root, np.random.default_rng(0).random((3, 7, 6)), vecs)
+    kw = dict(angle_step=1, col_step=2, slice_index=2, volume=VOL, with_ground_truth=False)
+    cache = tmp_path / "cache" / "A.npz"
+    first = walnut_slice_problem(root, cache=cache, **kw)
+    assert cache.is_file()
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the cached matrix should have been used")
+
+    monkeypatch.setattr(wmod, "probe_matrix", no_probe)
+    again = walnut_slice_problem(root, cache=cache, **kw)
+    assert torch.equal(again.operator.matrix.to_dense(), first.operator.matrix.to_dense())
+    # Other settings: the stale cache is not used (here: would have to probe).
+    with pytest.raises(AssertionError, match="cached matrix"):
+        walnut_slice_problem(root, cache=cache, **{**kw, "col_step": 3})
+    monkeypatch.undo()
+    third = walnut_slice_problem(root, cache=cache, **{**kw, "col_step": 3})
+    assert third.operator.matrix.shape == (6, 25)  # 3 views x 2 columns
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["A.npz"]

@@ -27,6 +27,7 @@ in units of 1/mm times mm, i.e. dimensionless). Nothing here downloads anything.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
@@ -40,7 +41,7 @@ from torch import nn
 
 from operators import ConeVec3D, RayTransform, VolumeGeometry
 
-from ..io import DataFormatError, read_tiff
+from ..io import DataFormatError, _atomic, read_tiff
 
 __all__ = [
     "WALNUT_DETECTOR_SHAPE",
@@ -576,6 +577,43 @@ def max_fraction_rows(
     return rows.astype(np.int64)
 
 
+def _matrix_key(rays: ConeVec3D, slab: VolumeGeometry, dtype: torch.dtype) -> str:
+    """Fingerprint of everything the probed matrix depends on."""
+    h = hashlib.sha256(np.ascontiguousarray(rays.to_vec()).tobytes())
+    h.update(repr((slab, str(dtype))).encode())
+    return h.hexdigest()
+
+
+def _load_cached_matrix(path: Path, key: str) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            ind, val, shape = z["indices"], z["values"], tuple(int(s) for s in z["shape"])
+    except (OSError, ValueError, KeyError) as err:
+        warnings.warn(f"{path}: unreadable matrix cache ({err}); recomputing", stacklevel=3)
+        return None
+    return torch.sparse_coo_tensor(
+        torch.from_numpy(ind), torch.from_numpy(val), shape, check_invariants=True
+    ).coalesce()
+
+
+def _save_cached_matrix(path: Path, key: str, mat: torch.Tensor) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(
+                fh,
+                key=np.asarray(key),
+                indices=mat.indices().numpy(),
+                values=mat.values().numpy(),
+                shape=np.asarray(mat.shape),
+            )
+
+    _atomic(path, write)
+
+
 def walnut_slice_problem(
     root: str | os.PathLike,
     *,
@@ -590,6 +628,7 @@ def walnut_slice_problem(
     row_rule: str = "fraction",
     chunk: int = 64,
     dtype: torch.dtype = torch.float32,
+    cache: str | os.PathLike | None = None,
 ) -> WalnutSlice:
     """The literature's 2D Walnut problem (walnut 1, orbit 2, 60 angles x 128 columns,
     slice 253, values x 14) as an explicit sparse matrix.
@@ -608,7 +647,9 @@ def walnut_slice_problem(
     assume; the operator is linear, so scaling both keeps ``y = A x``).
 
     ``downsample`` coarsens the image grid by an integer factor (501 = 3 x 167) and
-    block-averages the ground truth.
+    block-averages the ground truth. ``cache``: an ``.npz`` path where the probed matrix is
+    kept (written atomically) and reused when the rays, grid and dtype are the same; a
+    stale file (other settings or data) is recomputed and replaced.
     """
     vol3 = volume if volume is not None else WALNUT_VOLUME
     nz, ny, nx = vol3.shape
@@ -638,7 +679,14 @@ def walnut_slice_problem(
         voxel_size=(vol3.voxel_size[0], vy, vx),
         center=(z0, vol3.center[1], vol3.center[2]),
     )
-    mat = probe_matrix(RayTransform(slab, rays, backend="torch"), chunk=chunk, dtype=dtype)
+    mat = None
+    key = _matrix_key(rays, slab, dtype)
+    if cache is not None:
+        mat = _load_cached_matrix(Path(cache).expanduser(), key)
+    if mat is None:
+        mat = probe_matrix(RayTransform(slab, rays, backend="torch"), chunk=chunk, dtype=dtype)
+        if cache is not None:
+            _save_cached_matrix(Path(cache).expanduser(), key, mat)
     op = MatrixOperator(mat, (h, w), (views, cols))
     proj = data.projections  # (rows, views, cols)
     rows_t = torch.from_numpy(rows)
