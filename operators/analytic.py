@@ -34,6 +34,15 @@ of period pi (parallel) or 2 pi (fan, cone; then halved for the double coverage)
 number of views, non-uniform spacing and full orbits in parallel beam are handled;
 redundant views (equal modulo the period) share their weight.
 
+Accuracy (float64, torch backend; ``tests/test_analytic.py``): a uniform disc reconstructs
+to its value within 0.1 % (parallel and fan, any voxel size); Shepp-Logan 256^2 reaches
+29.1 dB (parallel, 403 views) and 29.0 dB (fan, 540 views), against 28.7 / 28.8 dB for the
+textbook pixel-driven FBP with linear interpolation (the two differ by ~3 % in L2, mostly
+at edges); FDK on Shepp-Logan 64^3 with 180 views reaches 22.7 dB. Known limitation: the
+ray-driven transpose samples z at detector-row spacing, so with an even row count the two
+mid-plane slices (where the rows align with voxel centres for every view) come out ~2 %
+too bright in FDK; other slices are within ~0.5 %.
+
 Filters are applied in the frequency domain on zero-padded data (length >= 2 n, a power of
 two); the ramp is the Fourier transform of the spatial-domain discrete Ram-Lak kernel
 (``h[0] = 1/4``, ``h[k odd] = -1 / (pi k)^2``), so its DC term is correct and the
@@ -57,6 +66,7 @@ from .geometry import (
     Parallel3D,
     ProjectionGeometry,
 )
+from .transform import RayTransform
 
 __all__ = [
     "FILTERS",
@@ -69,6 +79,7 @@ __all__ = [
 ]
 
 FILTERS = ("ram-lak", "shepp-logan", "hann")
+_FULL_ORBIT = "fan/cone-beam reconstruction assumes a full orbit (no Parker short-scan weights): "
 _ALIASES = {"ramlak": "ram-lak", "ram_lak": "ram-lak", "shepp_logan": "shepp-logan"}
 
 
@@ -148,13 +159,16 @@ def ramp_filter(
 # ---------------------------------------------------------------------------------------
 
 
-def angular_weights(angles: Any, period: float, *, warn_limited: bool = True) -> np.ndarray:
+def angular_weights(
+    angles: Any, period: float, *, warn_limited: bool = True, what: str = "", stacklevel: int = 2
+) -> np.ndarray:
     """Quadrature weights for views at ``angles`` on a circle of length ``period``.
 
     Each distinct angle (modulo ``period``) gets half the gap to each neighbour; duplicates
     share their angle's weight. The weights sum to ``period``. When the largest gap exceeds
     three median gaps the data are limited-angle: that gap is not bridged (its end views get
-    half a median gap) and a warning is issued, since FBP then has missing-wedge artefacts.
+    half a median gap) and a warning (prefixed by ``what``) is issued, since FBP then has
+    missing-wedge artefacts.
     """
     a = np.mod(np.asarray(angles, dtype=np.float64).reshape(-1), period)
     n = a.size
@@ -181,9 +195,9 @@ def angular_weights(angles: Any, period: float, *, warn_limited: bool = True) ->
             if warn_limited:
                 cover = period - gaps[big]
                 warnings.warn(
-                    f"views cover about {cover:.3g} of {period:.3g} rad (largest gap "
+                    f"{what}views cover about {cover:.3g} of {period:.3g} rad (largest gap "
                     f"{gaps[big]:.3g} rad): limited-angle data, expect streaks",
-                    stacklevel=3,
+                    stacklevel=stacklevel,
                 )
             gaps = gaps.copy()
             gaps[big] = med
@@ -245,13 +259,13 @@ def _fbp_parallel(op: Any, y: torch.Tensor, name: str, cutoff: float) -> torch.T
     g, vol = op.geometry, op.volume
     if isinstance(g, Parallel2D):
         du = g.det_spacing
-        w = angular_weights(g.angles, math.pi)
+        w = angular_weights(g.angles, math.pi, stacklevel=4)
         q = ramp_filter(y, spacing=du, filter=name, cutoff=cutoff)
         q = q * torch.as_tensor(w, dtype=y.dtype, device=y.device)[:, None]
         scale = du / float(np.prod(vol.voxel_size))
     else:  # Parallel3D: row-wise ramp filtering; sinogram (rows, views, cols)
         dh, dw = g.det_spacing
-        w = angular_weights(g.angles, math.pi)
+        w = angular_weights(g.angles, math.pi, stacklevel=4)
         q = ramp_filter(y, spacing=dw, filter=name, cutoff=cutoff)
         q = q * torch.as_tensor(w, dtype=y.dtype, device=y.device)[:, None]
         scale = dh * dw / float(np.prod(vol.voxel_size))
@@ -305,7 +319,8 @@ def _fbp_fan(op: Any, y: torch.Tensor, name: str, cutoff: float, weight_tol: flo
     du = g.det_spacing
     u = _det_coords(g.det_count, du, g.det_offset, y)
     cos_g = (sdd / torch.sqrt(sdd**2 + u**2)).to(y.dtype)
-    w = angular_weights(g.angles, 2 * math.pi) / 2  # full orbit: every ray measured twice
+    # full orbit: every ray measured twice, hence the 1/2
+    w = angular_weights(g.angles, 2 * math.pi, what=_FULL_ORBIT, stacklevel=4) / 2
     q = ramp_filter(y * cos_g, spacing=du, filter=name, cutoff=cutoff) * cos_g
     imgs, views, _ = _inverse_depth_series(op, weight_tol, y)
     vw = torch.as_tensor(views * w[None], dtype=y.dtype, device=y.device)  # (K, V)
@@ -317,7 +332,7 @@ def _fbp_fan(op: Any, y: torch.Tensor, name: str, cutoff: float, weight_tol: flo
 
 
 def fbp(
-    op: Any,
+    op: RayTransform,
     y: torch.Tensor,
     *,
     filter: str = "ram-lak",
@@ -356,7 +371,9 @@ def fbp(
 # ---------------------------------------------------------------------------------------
 
 
-def fdk(op: Any, y: torch.Tensor, *, filter: str = "ram-lak", cutoff: float = 1.0) -> torch.Tensor:
+def fdk(
+    op: RayTransform, y: torch.Tensor, *, filter: str = "ram-lak", cutoff: float = 1.0
+) -> torch.Tensor:
     """Feldkamp-Davis-Kress reconstruction for ``ConeBeam3D`` (circular full orbit, flat
     detector).
 
@@ -378,7 +395,7 @@ def fdk(op: Any, y: torch.Tensor, *, filter: str = "ram-lak", cutoff: float = 1.
     v = _det_coords(rows, dh, 0.0, y)
     cos_a = (sdd / torch.sqrt(sdd**2 + u[None, :] ** 2 + v[:, None] ** 2)).to(y.dtype)
     cos_a = cos_a[:, None, :]  # (rows, 1, cols) against (rows, views, cols)
-    w = angular_weights(geom.angles, 2 * math.pi) / 2
+    w = angular_weights(geom.angles, 2 * math.pi, what=_FULL_ORBIT, stacklevel=3) / 2
     wt = torch.as_tensor(w, dtype=y.dtype, device=y.device)[:, None]
     q = ramp_filter(y * cos_a, spacing=dw, filter=name, cutoff=cutoff) * cos_a * wt
     # 1/U^2 comes from the transpose's ray density (module docstring); M cancels with the
@@ -386,7 +403,7 @@ def fdk(op: Any, y: torch.Tensor, *, filter: str = "ram-lak", cutoff: float = 1.
     return op.T(q) * (dh * dw / (geom.magnification * float(np.prod(vol.voxel_size))))
 
 
-def analytic_reconstruction(op: Any, y: torch.Tensor, **kw: Any) -> torch.Tensor:
+def analytic_reconstruction(op: RayTransform, y: torch.Tensor, **kw: Any) -> torch.Tensor:
     """FBP or FDK, chosen by the geometry: ``Parallel2D``, ``FanBeam2D`` and ``Parallel3D``
     use :func:`fbp`, ``ConeBeam3D`` :func:`fdk`. Keyword arguments are passed on.
     Vector geometries (``ParallelVec3D``, ``ConeVec3D``) have no analytic formula here and
