@@ -159,3 +159,12 @@ def test_docs_examples_that_need_no_download_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for code in blocks:
         exec(compile(code, "docs/datasets.md", "exec"), {})
+
+
+def test_written_files_get_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = write_volume(tmp_path / "v.npy", VOL)
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644

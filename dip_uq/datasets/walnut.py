@@ -596,7 +596,7 @@ def _load_cached_matrix(path: Path, key: str) -> torch.Tensor | None:
         warnings.warn(f"{path}: unreadable matrix cache ({err}); recomputing", stacklevel=3)
         return None
     return torch.sparse_coo_tensor(
-        torch.from_numpy(ind), torch.from_numpy(val), shape, check_invariants=True
+        torch.from_numpy(ind.astype(np.int64)), torch.from_numpy(val), shape, check_invariants=True
     ).coalesce()
 
 
@@ -606,7 +606,7 @@ def _save_cached_matrix(path: Path, key: str, mat: torch.Tensor) -> None:
             np.savez(
                 fh,
                 key=np.asarray(key),
-                indices=mat.indices().numpy(),
+                indices=mat.indices().numpy().astype(np.int32),  # 501^2 columns fit
                 values=mat.values().numpy(),
                 shape=np.asarray(mat.shape),
             )
