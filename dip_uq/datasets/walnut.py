@@ -264,7 +264,8 @@ def load_walnut_projections(
         vecs_all[geom_rows], det_shape, step=(rstep, cstep), offset=(roff, coff), mode=det_mode
     )
 
-    out = np.empty((len(files), *new_shape), dtype=np.float32)
+    # Written straight into (det_rows, angles, det_cols): no second full-size copy.
+    out = np.empty((new_shape[0], len(files), new_shape[1]), dtype=np.float32)
     clipped = 0
     for k, f in enumerate(files):
         raw = read_tiff(f)
@@ -278,7 +279,7 @@ def load_walnut_projections(
         bad = ~(t >= min_transmission)  # also catches NaN from a zero denominator
         clipped += int(bad.sum())
         t[bad] = min_transmission
-        out[k] = _resample_data(-np.log(t), (rstep, cstep), (roff, coff), det_mode)
+        out[:, k, :] = _resample_data(-np.log(t), (rstep, cstep), (roff, coff), det_mode)
     if clipped:
         warnings.warn(
             f"{pdir}: {clipped} pixel values had transmission below {min_transmission:g} "
@@ -286,9 +287,8 @@ def load_walnut_projections(
             stacklevel=2,
         )
     geometry = ConeVec3D(vectors=vecs, det_shape=new_shape)
-    proj = torch.from_numpy(np.ascontiguousarray(out.transpose(1, 0, 2)))
     return WalnutProjections(
-        projections=proj,
+        projections=torch.from_numpy(out),
         geometry=geometry,
         volume=volume if volume is not None else WALNUT_VOLUME,
         files=tuple(files),
