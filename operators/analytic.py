@@ -272,6 +272,9 @@ def _fbp_parallel(op: Any, y: torch.Tensor, name: str, cutoff: float) -> torch.T
     return op.T(q) * scale
 
 
+_MAX_TERMS = 100
+
+
 def _inverse_depth_series(
     op: Any, tol: float, like: torch.Tensor
 ) -> tuple[torch.Tensor, np.ndarray, int]:
@@ -296,8 +299,15 @@ def _inverse_depth_series(
     a_max = (1 - math.sqrt(1 - rho_max**2)) / rho_max if rho_max > 0 else 0.0
     amp = (1 + rho_max) / math.sqrt(1 - rho_max**2)  # (1/U)_max / c0_min bound
     n = 0
-    while a_max > 0 and 2 * a_max ** (n + 1) / (1 - a_max) * amp > tol and n < 200:
+    while a_max > 0 and 2 * a_max ** (n + 1) / (1 - a_max) * amp > tol and n < _MAX_TERMS:
         n += 1
+    if n == _MAX_TERMS:
+        bound = 2 * a_max ** (n + 1) / (1 - a_max) * amp
+        warnings.warn(
+            f"fbp: the source passes very close to the volume (|x|/D up to {rho_max:.3f}); "
+            f"capped at {2 * n + 1} backprojections, distance-weight error up to {bound:.2g}",
+            stacklevel=4,
+        )
     root = torch.sqrt(1 - rho**2)
     c0 = 1 / root
     # z = a exp(i psi) with rho cos(psi) = -y / D, rho sin(psi) = x / D

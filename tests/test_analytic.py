@@ -123,6 +123,29 @@ def test_constant_disc_reconstructs_to_its_value(kind, vol):
     assert float(rec[outside].abs().mean()) <= 0.03 * c
 
 
+@pytest.mark.parametrize("spacing", [0.55, 1.6])
+def test_disc_scale_for_detector_spacings_unlike_the_voxel(spacing):
+    vol = VolumeGeometry(shape=(48, 48), voxel_size=0.9)
+    yy, xx = world_grid(vol)
+    disc = 1.7 * ((xx**2 + yy**2) <= 14**2).double()
+    interior = (xx**2 + yy**2) <= 10**2
+    width = 2 * 0.9 * 48 * 0.75  # covers the disc's shadow with margin
+    geoms = [
+        Parallel2D(angles=uniform_angles(100), det_count=int(width / spacing), det_spacing=spacing),
+        FanBeam2D(
+            angles=uniform_angles(200, stop=2 * math.pi),
+            det_count=int(1.5 * width / spacing),
+            det_spacing=spacing,
+            src_origin=80.0,
+            origin_det=40.0,
+        ),
+    ]
+    for geom in geoms:
+        op = RayTransform(vol, geom)
+        rec = fbp(op, op(disc))
+        assert float(rec[interior].mean()) == pytest.approx(1.7, rel=0.03), type(geom).__name__
+
+
 def test_fdk_ball_and_cylinder_scale():
     vol = VolumeGeometry(shape=(40, 40, 40), voxel_size=0.5)
     op = RayTransform(vol, ConeBeam3D.default(vol, n_angles=120))
