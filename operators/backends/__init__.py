@@ -36,11 +36,28 @@ def _matrix(volume: VolumeGeometry, geometry: ProjectionGeometry, **kw: Any) -> 
     return MatrixBackend.build(volume, geometry, **kw)
 
 
+def _odl(
+    volume: VolumeGeometry, geometry: ProjectionGeometry, *, impl: str = "astra_cpu", **kw: Any
+) -> Backend:
+    from .odl import OdlBackend, odl_ray_transform
+
+    op = odl_ray_transform(volume, geometry, impl=impl, **kw)
+    return OdlBackend(op, volume=volume, geometry=geometry)
+
+
+def _tomosipo(volume: VolumeGeometry, geometry: ProjectionGeometry, **kw: Any) -> Backend:
+    from .tomosipo import TomosipoBackend
+
+    return TomosipoBackend(volume, geometry, **kw)
+
+
 BACKENDS: dict[str, Callable[..., Backend]] = {
     "torch": _torch,
     "astra_cpu": _astra_cpu,
     "astra_cuda": _astra_cuda,
     "matrix": _matrix,
+    "odl": _odl,
+    "tomosipo": _tomosipo,
 }
 
 
