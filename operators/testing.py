@@ -26,10 +26,6 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return num / den if den > 0 else num
 
 
-def _device(op: Any) -> torch.device:
-    return torch.device(getattr(op, "device", "cpu"))
-
-
 def dot_test(
     op: Any,
     *,
@@ -60,6 +56,7 @@ def adjoint_autograd_error(
     *,
     dtype: torch.dtype = torch.float64,
     generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> float:
     """Relative error between ``op.T(y)`` and the vector-Jacobian product ``(dA/dx)^T y``.
 
@@ -67,8 +64,10 @@ def adjoint_autograd_error(
     torch (e.g. the torch projector: an independent transpose), otherwise through ``op``'s
     autograd wiring (which then checks that gradients flow and land on the right shapes)."""
     g = generator if generator is not None else torch.Generator().manual_seed(1)
-    x = torch.randn(op.domain_shape, generator=g, dtype=torch.float64).to(dtype)
-    y = torch.randn(op.range_shape, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(op.domain_shape, generator=g, dtype=torch.float64).to(
+        dtype=dtype, device=device
+    )
+    y = torch.randn(op.range_shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
     x.requires_grad_(True)
     out = None
     backend = getattr(op, "backend", None)
@@ -111,6 +110,7 @@ def point_source_check(
     *,
     sigma: float = 0.8,
     dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
 ) -> float:
     """Max detector-position error (pixels) of a small blob at world ``point_xyz``.
 
@@ -120,7 +120,7 @@ def point_source_check(
     conventions give errors of many pixels; correct ones well below a pixel."""
     vol, geom = op.volume, op.geometry
     img, centre = _blob(vol, point_xyz, sigma)
-    sino = op(img.to(dtype)).double().cpu()
+    sino = op(img.to(dtype=dtype, device=device)).double().cpu()
     expected = geom.project_point(centre)  # (views, 2): (row, col)
     if geom.ndim == 2:
         sino = sino[:, None, :]  # (views, 1, cols)
