@@ -1,0 +1,460 @@
+"""Deep-image-prior training for CT (methods.md, Section 5).
+
+:func:`fit_dip` minimises
+
+    L(theta) = (1/d_y) ||A f(z0; theta) - y||^2 + gamma TV(f(z0; theta))
+
+over the U-Net weights ``theta`` with Adam, gradient-norm clipping and optional parameter
+clamping, for a fixed number of iterations, and returns the parameters with the **lowest
+training loss** seen (never chosen with a ground truth, which is used only for logging).
+``d_y`` is the number of measurements, ``TV`` the anisotropic TV of :mod:`.tv`.
+
+The loss recorded for iteration ``t`` is evaluated at the parameters *before* the ``t``-th
+Adam step; those parameters (and the image they produce) are what "best iteration ``t``"
+returns. Checkpoints (every ``checkpoint_every`` iterations, written atomically) hold the
+whole training state, so ``resume=True`` reproduces an uninterrupted run bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, atomic_save, clone_state, load_checkpoint
+from .tv import tv
+from .unet import UNetConfig, build_unet
+
+__all__ = [
+    "DIPResult",
+    "VarianceStopping",
+    "fit_dip",
+    "initial_input",
+    "CHECKPOINT_NAME",
+]
+
+CHECKPOINT_NAME = "dip_checkpoint.pt"
+
+#: Called after every iteration as ``callback(iteration, loss, image)`` with the detached
+#: output ``image`` (shape of the volume) at the parameters the loss was evaluated at.
+#: Returning ``True`` stops training (the best iterate so far is returned).
+Callback = Callable[[int, float, torch.Tensor], bool | None]
+
+
+@dataclass
+class DIPResult:
+    """What :func:`fit_dip` returns.
+
+    Attributes:
+        image: the reconstruction at the best iterate, shape ``volume.shape``.
+        net: the network with the best parameters loaded (eval mode).
+        loss_history: training loss per iteration (float64, length ``iterations_run``).
+        best_iteration: index of the lowest loss in ``loss_history``.
+        best_loss: that loss.
+        input: the fixed network input ``z0``, shape ``(1, 1, *volume.shape)``.
+        iterations_run: iterations done (< ``iterations`` when stopped early).
+        stopped_early: a callback or the stopping rule ended training.
+        metrics: ``(iteration, psnr, ssim)`` rows, only when a ground truth was given.
+    """
+
+    image: torch.Tensor
+    net: nn.Module
+    loss_history: torch.Tensor
+    best_iteration: int
+    best_loss: float
+    input: torch.Tensor
+    iterations_run: int
+    stopped_early: bool = False
+    metrics: list[tuple[int, float, float]] = field(default_factory=list)
+
+
+class VarianceStopping:
+    """Automatic stopping for users without a tuned iteration budget (off by default).
+
+    A running-variance criterion in the spirit of ES-WMV (Wang et al., 2021): the variance
+    of the last ``window`` network outputs, ``v_t = mean_voxels var_window(x)``, first falls
+    while the network fits structure and rises once it starts fitting noise. Training stops
+    when ``v_t`` has not reached a new minimum for ``patience`` iterations. The variance is
+    computed every ``every`` iterations from a window of stored outputs (memory:
+    ``window`` images). The returned parameters are still the lowest-loss ones among the
+    iterations run.
+    """
+
+    def __init__(self, *, window: int = 50, patience: int = 500, every: int = 10) -> None:
+        if window < 2 or patience < 1 or every < 1:
+            raise ValueError("VarianceStopping needs window >= 2, patience >= 1, every >= 1")
+        self.window, self.patience, self.every = int(window), int(patience), int(every)
+        self._buf: deque[torch.Tensor] = deque(maxlen=self.window)
+        self.best_variance = math.inf
+        self.best_at = 0
+        self.history: list[tuple[int, float]] = []
+
+    def update(self, iteration: int, image: torch.Tensor) -> bool:
+        """Record ``image`` (detached) and return whether to stop."""
+        self._buf.append(image.detach().clone())
+        if len(self._buf) < self.window or iteration % self.every:
+            return False
+        stack = torch.stack(tuple(self._buf)).double()
+        v = float(stack.var(dim=0, unbiased=False).mean())
+        self.history.append((iteration, v))
+        if v < self.best_variance:
+            self.best_variance, self.best_at = v, iteration
+        return iteration - self.best_at >= self.patience
+
+    def state_dict(self) -> dict:
+        return {
+            "buf": list(self._buf),
+            "best_variance": self.best_variance,
+            "best_at": self.best_at,
+            "history": list(self.history),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._buf = deque(state["buf"], maxlen=self.window)
+        self.best_variance = float(state["best_variance"])
+        self.best_at = int(state["best_at"])
+        self.history = [(int(i), float(v)) for i, v in state["history"]]
+
+
+# ------------------------------------------------------------------------------ inputs
+def _check_operator(operator: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    for attr in ("domain_shape", "range_shape"):
+        if not hasattr(operator, attr):
+            raise TypeError(
+                f"operator must expose domain_shape and range_shape (e.g. a RayTransform); "
+                f"{type(operator).__name__} has no {attr}"
+            )
+    return tuple(operator.domain_shape), tuple(operator.range_shape)
+
+
+def _check_y(y: Any, range_shape: tuple[int, ...]) -> torch.Tensor:
+    y = torch.as_tensor(y)
+    if not y.is_floating_point():
+        y = y.to(torch.get_default_dtype())
+    if tuple(y.shape) != range_shape:
+        raise ValueError(
+            f"sinogram shape {tuple(y.shape)} does not match the operator's range "
+            f"{range_shape} (2D: (angles, detector); 3D: (det_rows, angles, det_cols))"
+        )
+    bad = ~torch.isfinite(y)
+    if bad.any():
+        raise ValueError(
+            f"sinogram y contains {int(bad.sum())} NaN or infinite values (of {y.numel()})"
+        )
+    return y
+
+
+def initial_input(
+    operator: Any,
+    y: torch.Tensor,
+    init: str | torch.Tensor = "fbp",
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The fixed network input ``z0``, shape ``(1, 1, *domain_shape)``.
+
+    ``"fbp"``: the analytic reconstruction (FBP for 2D and parallel 3D, FDK for cone beam);
+    geometries without an analytic formula fall back to ``"backprojection"`` with a warning.
+    ``"backprojection"``: ``c A^T y`` with ``c`` the least-squares scale
+    ``<y, A A^T y> / ||A A^T y||^2``. ``"noise"``: ``U(0, 0.1)`` noise from ``generator``
+    (Ulyanov et al.). A tensor of the volume's shape is used as given.
+    """
+    domain, _ = _check_operator(operator)
+    if isinstance(init, torch.Tensor):
+        z = init.to(device=y.device, dtype=y.dtype)
+        if tuple(z.shape[-len(domain) :]) != domain or z.numel() != math.prod(domain):
+            raise ValueError(
+                f"init tensor must have the volume's shape {domain}, got {tuple(init.shape)}"
+            )
+        return z.reshape(1, 1, *domain)
+    if init == "fbp":
+        from operators.analytic import analytic_reconstruction
+
+        try:
+            with torch.no_grad():
+                return analytic_reconstruction(operator, y).reshape(1, 1, *domain).to(y.dtype)
+        except TypeError as err:
+            warnings.warn(
+                f"init='fbp' unavailable ({err}); using a scaled backprojection instead",
+                stacklevel=2,
+            )
+            init = "backprojection"
+    if init == "backprojection":
+        with torch.no_grad():
+            bp = operator.T(y)
+            abp = operator(bp)
+            c = float((y * abp).sum() / abp.pow(2).sum().clamp_min(1e-30))
+            return (c * bp).reshape(1, 1, *domain)
+    if init == "noise":
+        z = torch.rand((1, 1, *domain), generator=generator, dtype=y.dtype)
+        return (0.1 * z).to(y.device)
+    raise ValueError(f"init must be 'fbp', 'backprojection', 'noise' or a tensor, got {init!r}")
+
+
+def _check_scalars(tv_weight: float, iterations: int, lr: float, clip: float | None) -> None:
+    if not (isinstance(tv_weight, int | float) and math.isfinite(tv_weight)) or tv_weight < 0:
+        raise ValueError(f"tv_weight must be a finite number >= 0, got {tv_weight!r}")
+    if isinstance(iterations, bool) or int(iterations) != iterations or iterations <= 0:
+        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be positive and finite, got {lr!r}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip_grad_norm must be positive or None, got {clip!r}")
+
+
+def _resolve_net(net: Any, ndim: int, generator: torch.Generator | None) -> nn.Module:
+    if isinstance(net, os.PathLike) or (isinstance(net, str) and net.endswith(".pt")):
+        from .pretrain import load_pretrained
+
+        return load_pretrained(net)
+    return build_unet(net, ndim=ndim, generator=generator)
+
+
+# ------------------------------------------------------------------------------ training
+def fit_dip(
+    operator: Any,
+    y: Any,
+    *,
+    net: str | UNetConfig | dict | nn.Module | os.PathLike | None = None,
+    tv_weight: float,
+    iterations: int,
+    lr: float = 1e-4,
+    init: str | torch.Tensor = "fbp",
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1000,
+    resume: bool = False,
+    clip_grad_norm: float | None = 1.0,
+    param_clamp: float | None = None,
+    stopping: VarianceStopping | None = None,
+    ground_truth: Any = None,
+    log_every: int = 100,
+    progress: bool = True,
+) -> DIPResult:
+    """Fit a deep image prior to the measurements ``y`` of ``operator``.
+
+    Args:
+        operator: a linear operator with ``op(x)``, ``op.T(y)``, ``domain_shape`` (volume,
+            ``(H, W)`` or ``(D, H, W)``) and ``range_shape`` (sinogram), e.g. a
+            ``RayTransform``. It must be differentiable in ``x`` (autograd).
+        y: measured sinogram of shape ``range_shape``, finite.
+        net: ``None`` (the ``small`` preset), a preset name, a :class:`UNetConfig` / dict,
+            a ready module (trained in place: pass a copy to keep yours), or the path of a
+            pretrained network (``.pt`` from :func:`~dip_uq.dip.pretrain.pretrain_edip`).
+        tv_weight: ``gamma >= 0``.
+        iterations: the iteration budget (> 0).
+        lr: Adam learning rate.
+        init: network input, see :func:`initial_input`.
+        generator: seeds network initialisation, noise input and MC-dropout masks.
+        callback: see :data:`Callback`.
+        checkpoint_dir: where ``dip_checkpoint.pt`` is written every ``checkpoint_every``
+            iterations and at the end (atomically).
+        resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
+        clip_grad_norm: gradient-norm clip (``None`` disables).
+        param_clamp: after each step clamp every parameter to ``[-c, c]`` (``None``: off).
+        stopping: optional :class:`VarianceStopping` rule (off by default).
+        ground_truth: only for logging PSNR/SSIM every ``log_every`` iterations.
+        progress: show a tqdm progress bar (loss; PSNR/SSIM with a ground truth).
+
+    Returns:
+        A :class:`DIPResult` holding the lowest-loss iterate.
+    """
+    domain, rng = _check_operator(operator)
+    y = _check_y(y, rng)
+    _check_scalars(tv_weight, iterations, lr, clip_grad_norm)
+    iterations = int(iterations)
+    if int(checkpoint_every) < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    ndim = len(domain)
+    gt = None
+    if ground_truth is not None:
+        gt = torch.as_tensor(ground_truth).detach().to("cpu", torch.float64)
+        if tuple(gt.shape) != domain:
+            raise ValueError(
+                f"ground_truth shape {tuple(gt.shape)} does not match the volume {domain}"
+            )
+
+    model = _resolve_net(net, ndim, generator).to(device=y.device, dtype=y.dtype)
+    model.train()
+    for m in getattr(model, "dropout_layers", list)():
+        m.generator = generator
+    z0 = initial_input(operator, y, init, generator=generator)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    d_y = y.numel()
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+
+    start = 0
+    losses = torch.empty(iterations, dtype=torch.float64)
+    best_loss, best_it = math.inf, -1
+    best_state: dict[str, torch.Tensor] | None = None
+    best_image: torch.Tensor | None = None
+    metrics: list[tuple[int, float, float]] = []
+    stopped = False
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path, map_location=y.device)
+        _check_resumable(ck, ckpt_path, y, tv_weight, lr, iterations, model)
+        model.load_state_dict(ck["net"])
+        opt.load_state_dict(ck["optimizer"])
+        z0 = ck["input"].to(device=y.device, dtype=y.dtype)
+        start = int(ck["iteration"])
+        losses[:start] = ck["losses"][:start]
+        best_loss, best_it = float(ck["best_loss"]), int(ck["best_iteration"])
+        best_state, best_image = ck["best_state"], ck["best_image"]
+        metrics = [tuple(r) for r in ck["metrics"]]
+        stopped = bool(ck["stopped"])
+        if generator is not None and ck.get("generator") is not None:
+            generator.set_state(ck["generator"])
+        if stopping is not None and ck.get("stopping") is not None:
+            stopping.load_state_dict(ck["stopping"])
+
+    def save(done: int) -> None:
+        if ckpt_path is None:
+            return
+        atomic_save(
+            {
+                "format": "dip-uq/dip-checkpoint/1",
+                "net": model.state_dict(),
+                "net_config": model.config.to_dict() if hasattr(model, "config") else None,
+                "optimizer": opt.state_dict(),
+                "input": z0,
+                "iteration": done,
+                "iterations": iterations,
+                "losses": losses[:done].clone(),
+                "best_loss": best_loss,
+                "best_iteration": best_it,
+                "best_state": best_state,
+                "best_image": best_image,
+                "metrics": [list(r) for r in metrics],
+                "stopped": stopped,
+                "generator": generator.get_state() if generator is not None else None,
+                "stopping": stopping.state_dict() if stopping is not None else None,
+                "tv_weight": float(tv_weight),
+                "lr": float(lr),
+                "y_shape": list(y.shape),
+                "y_checksum": float(y.double().sum()),
+            },
+            ckpt_path,
+        )
+
+    bar = None
+    if progress and not stopped and start < iterations:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=iterations, initial=start, desc="DIP", leave=False, dynamic_ncols=True)
+    done = start
+    try:
+        for it in range(start, iterations) if not stopped else ():
+            opt.zero_grad(set_to_none=True)
+            out = model(z0)
+            x = out.reshape(domain)
+            residual = operator(x) - y
+            loss = residual.pow(2).sum() / d_y
+            if tv_weight > 0:
+                loss = loss + tv_weight * tv(x, ndim=ndim)
+            loss.backward()
+            value = loss.item()  # the one host sync per step: needed for best tracking
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"DIP loss became {value} at iteration {it}; lower lr or check the data scale"
+                )
+            losses[it] = value
+            if value < best_loss:
+                best_loss, best_it = value, it
+                best_state = clone_state(model.state_dict())
+                best_image = x.detach().clone()
+            if clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(params, clip_grad_norm)
+            opt.step()
+            if param_clamp is not None:
+                with torch.no_grad():
+                    for p in params:
+                        p.clamp_(-param_clamp, param_clamp)
+            if gt is not None and (it % log_every == 0 or it == iterations - 1):
+                metrics.append(_quality(it, x, gt))
+            if bar is not None:
+                bar.update(1)
+                if it % log_every == 0:
+                    post = {"loss": f"{value:.4g}"}
+                    if metrics:
+                        post.update(psnr=f"{metrics[-1][1]:.2f}", ssim=f"{metrics[-1][2]:.3f}")
+                    bar.set_postfix(post, refresh=False)
+            stop = False
+            if callback is not None:
+                stop = bool(callback(it, value, x.detach()))
+            if stopping is not None:
+                stop = stopping.update(it, x) or stop
+            done = it + 1
+            if stop:
+                stopped = True
+                break
+            if done % checkpoint_every == 0 and done < iterations:
+                save(done)
+        if done > start:
+            save(done)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if best_state is None:
+        raise RuntimeError("no iteration was run, nothing to return")
+    model.load_state_dict(best_state)
+    model.eval()
+    return DIPResult(
+        image=best_image,
+        net=model,
+        loss_history=losses[:done].clone(),
+        best_iteration=best_it,
+        best_loss=best_loss,
+        input=z0,
+        iterations_run=done,
+        stopped_early=stopped,
+        metrics=metrics,
+    )
+
+
+def _quality(it: int, x: torch.Tensor, gt: torch.Tensor) -> tuple[int, float, float]:
+    from ..metrics import psnr, ssim
+
+    xd = x.detach().to("cpu", torch.float64)
+    return (it, psnr(xd, gt), ssim(xd, gt))
+
+
+def _check_resumable(
+    ck: dict,
+    path: Path,
+    y: torch.Tensor,
+    tv_weight: float,
+    lr: float,
+    iterations: int,
+    model: nn.Module,
+) -> None:
+    if ck.get("format") != "dip-uq/dip-checkpoint/1":
+        raise CheckpointError(f"{path}: not a DIP checkpoint (format {ck.get('format')!r})")
+    problems = []
+    if list(y.shape) != list(ck["y_shape"]):
+        problems.append(f"sinogram shape {tuple(y.shape)} vs {tuple(ck['y_shape'])}")
+    elif not math.isclose(float(y.double().sum()), ck["y_checksum"], rel_tol=1e-9, abs_tol=1e-12):
+        problems.append("the sinogram values differ")
+    if float(tv_weight) != ck["tv_weight"]:
+        problems.append(f"tv_weight {tv_weight} vs {ck['tv_weight']}")
+    if float(lr) != ck["lr"]:
+        problems.append(f"lr {lr} vs {ck['lr']}")
+    if int(ck["iteration"]) > iterations:
+        problems.append(f"checkpoint is at iteration {ck['iteration']} > iterations={iterations}")
+    cfg = model.config.to_dict() if hasattr(model, "config") else None
+    if cfg != ck.get("net_config"):
+        problems.append(f"network config {cfg} vs {ck.get('net_config')}")
+    if problems:
+        raise CheckpointError(f"{path}: cannot resume this run: " + "; ".join(problems))
