@@ -282,3 +282,47 @@ def test_bad_input_names_the_problem(tmp_path):
         fit_dip(object(), y, **kw)
     with pytest.raises(ValueError, match="ground_truth shape"):
         fit_dip(op, y, ground_truth=torch.zeros(3, 3), **kw)
+
+
+def test_edip_pretraining_learns_saves_and_is_reused(tmp_path):
+    from dip_uq.dip.pretrain import load_pretrained, pretrain_edip
+
+    op, x, y = _problem_2d(16, 8)
+    path = tmp_path / "edip.pt"
+    res = pretrain_edip(
+        op,
+        net={"channels": (8, 8), "skip_channels": (0, 4)},
+        n_images=16,
+        iterations=60,
+        batch_size=4,
+        lr=1e-2,
+        generator=_gen(0),
+        save_path=path,
+        progress=False,
+    )
+    h = res.loss_history
+    assert float(h[-10:].mean()) < 0.5 * float(h[:10].mean())
+    net = load_pretrained(path)
+    for (k, p), q in zip(net.state_dict().items(), res.net.state_dict().values()):
+        assert torch.equal(p, q), k
+    # the saved file is reusable as the starting point of a DIP fit
+    fit = fit_dip(op, y, net=path, tv_weight=1e-3, iterations=3, lr=1e-4, progress=False)
+    assert fit.net.config == net.config
+    with pytest.raises(CheckpointError, match="checkpoint file not found"):
+        load_pretrained(tmp_path / "none.pt")
+    with pytest.raises(CheckpointError, match="not a pretrained"):
+        load_pretrained(_dip_checkpoint(tmp_path, op, y))
+
+
+def _dip_checkpoint(tmp_path, op, y):
+    fit_dip(
+        op,
+        y,
+        net=_tiny_net(),
+        tv_weight=1e-3,
+        iterations=2,
+        init="noise",
+        progress=False,
+        checkpoint_dir=tmp_path / "ck",
+    )
+    return tmp_path / "ck" / CHECKPOINT_NAME

@@ -112,3 +112,21 @@ def test_mc_dropout_after_every_3x3_conv_and_samples():
     assert torch.equal(net(z), net(z))  # dropout off outside MC sampling
     with pytest.raises(ValueError, match="no dropout"):
         mc_dropout_samples(UNet.from_preset("small"), z, 2)
+
+
+@pytest.mark.parametrize("cin,stride", [(8, 1), (20, 2), (3, 1)])
+def test_cpu_conv3d_decomposition_equals_conv3d(cin, stride):
+    from dip_uq.dip.unet import _Conv3d
+
+    g = torch.Generator().manual_seed(0)
+    conv = _Conv3d(cin, 5, 3, stride=stride, padding=1).double()
+    x = torch.randn(2, cin, 7, 6, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    out = conv(x)
+    ref = nn.Conv3d.forward(conv, x)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=1e-12)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    g1 = torch.autograd.grad((out * w).sum(), (x, conv.weight, conv.bias))
+    g2 = torch.autograd.grad((ref * w).sum(), (x, conv.weight, conv.bias))
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-10)
