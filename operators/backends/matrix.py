@@ -116,7 +116,7 @@ class MatrixBackend:
         if source == "auto":
             source = "astra" if volume.ndim == 2 else "probe"
         if source == "astra":
-            m = cls._from_astra(volume, geometry, projector)
+            m, projector = cls._from_astra(volume, geometry, projector)
         elif source == "probe":
             m = cls._from_probe(
                 volume, geometry, probe_backend, max_voxels, block_bytes, probe_options
@@ -130,7 +130,8 @@ class MatrixBackend:
     @staticmethod
     def _from_astra(
         volume: VolumeGeometry, geometry: ProjectionGeometry, projector: str
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, str]:
+        """ASTRA's matrix as float64 CSR, and the kernel actually used."""
         from .astra import AstraCPU
 
         be = AstraCPU(volume, geometry, projector=projector)
@@ -139,7 +140,7 @@ class MatrixBackend:
         finally:
             be.close()
         sp.sum_duplicates()  # also sorts column indices, as torch's CSR requires
-        return _quiet(
+        m = _quiet(
             torch.sparse_csr_tensor,
             torch.from_numpy(sp.indptr.astype(np.int64)),
             torch.from_numpy(sp.indices.astype(np.int64)),
@@ -147,6 +148,7 @@ class MatrixBackend:
             sp.shape,
             check_invariants=True,
         )
+        return m, be.projector
 
     @staticmethod
     def _from_probe(

@@ -255,6 +255,7 @@ def from_odl(odl_operator: Any, *, matched: bool | None = None):
             "wrap other linear operators with OdlBackend directly"
         )
     volume, geometry = geometry_from_odl(odl_operator.geometry, odl_operator.domain)
+    _refuse_shifted_parallel(geometry, getattr(odl_operator, "impl", None))
     backend = OdlBackend(odl_operator, volume=volume, geometry=geometry, matched=matched)
     return RayTransform(volume, geometry, backend=backend)
 
@@ -295,7 +296,20 @@ def odl_ray_transform(
     else:
         g = tomo.FanBeamGeometry(apart, dpart, geom.src_origin, geom.origin_det)
     _verify(geom, g)
+    _refuse_shifted_parallel(geom, impl)
     return tomo.RayTransform(space, g, impl=impl)
+
+
+def _refuse_shifted_parallel(geom: ProjectionGeometry, impl: str | None) -> None:
+    """ODL 1.0's ``astra_cpu`` path for ``Parallel2dGeometry`` builds a plain ASTRA ``parallel``
+    geometry and drops the detector shift (a 0.3-bin offset projects 0.3 bins off), so such
+    operators would silently disagree with their own geometry."""
+    if impl == "astra_cpu" and isinstance(geom, Parallel2D) and geom.det_offset != 0:
+        raise GeometryError(
+            f"ODL's astra_cpu parallel-beam projector ignores detector offsets "
+            f"(det_offset={geom.det_offset:g}); use backend='astra_cpu' or 'torch' directly, or "
+            "a centred detector"
+        )
 
 
 def _angle_partition(odl: Any, angles: np.ndarray) -> Any:
