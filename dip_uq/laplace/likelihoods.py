@@ -55,7 +55,9 @@ class Gaussian(nn.Module):
         if operator is not None:
             check_operator(operator)
         self.operator = operator
-        self.log_noise_var = nn.Parameter(torch.tensor(math.log(noise_var)), requires_grad=False)
+        self.log_noise_var = nn.Parameter(
+            torch.tensor(math.log(noise_var), dtype=torch.float64), requires_grad=False
+        )
 
     @property
     def noise_var(self) -> torch.Tensor:

@@ -70,8 +70,10 @@ class BlockPrior(nn.Module):
                     f"block {b!r}: unknown prior kind {k!r} (use 'normal' or 'matern')"
                 )
         nb = selection.n_blocks
-        self.log_variance = nn.Parameter(torch.full((nb,), math.log(variance)))
-        self.log_lengthscale = nn.Parameter(torch.full((nb,), math.log(lengthscale)))
+        self.log_variance = nn.Parameter(torch.full((nb,), math.log(variance), dtype=torch.float64))
+        self.log_lengthscale = nn.Parameter(
+            torch.full((nb,), math.log(lengthscale), dtype=torch.float64)
+        )
         # coordinates with a diagonal prior; Matérn filters are handled per parameter
         self._filters: list[
             tuple[int, int, int, tuple[int, ...], int]

@@ -10,7 +10,13 @@ import torch
 
 from .system import LinearSystem, Noise, SolverResult, draw_noise
 
-__all__ = ["robust_cholesky", "sample_exact", "dense_factors", "functional_covariance"]
+__all__ = [
+    "robust_cholesky",
+    "sample_exact",
+    "dense_factors",
+    "functional_covariance",
+    "exact_block_gamma",
+]
 
 
 def robust_cholesky(a: torch.Tensor, max_tries: int = 8) -> tuple[torch.Tensor, float]:
@@ -92,3 +98,20 @@ def functional_covariance(
         return JL @ torch.cholesky_solve(JL.T, C)
     cross = JL @ Gh.T  # J_x Σ Gᵀ
     return JL @ JL.T - cross @ torch.cholesky_solve(cross.T, C)
+
+
+def exact_block_gamma(system: LinearSystem, factors: dict | None = None) -> torch.Tensor:
+    """Exact effective dimension per block, γ_b = Σ_{i∈b} (H⁻¹ M)_ii ``(n_blocks,)`` (float64).
+
+    Uses H⁻¹Gᵀ = L(ĜᵀĜ + I)⁻¹Ĝᵀ = LĜᵀ(ĜĜᵀ + I)⁻¹, so only ``(n_obs, d)`` arrays are formed.
+    """
+    f = factors or dense_factors(system)
+    Gh, C, G = f["Ghat"], f["chol"], f["G"]
+    with torch.no_grad():
+        if f["mode"] == "primal":
+            rows = torch.cholesky_solve(Gh.T, C).T
+        else:
+            rows = torch.cholesky_solve(Gh, C)
+        GHinv = system.prior.sqrt_mv(rows)  # (n_obs, d) = G H⁻¹
+        diag = (GHinv * G).sum(0)
+    return system.prior.selection.block_sum(diag)
