@@ -144,6 +144,10 @@ def test_astra_cpu_frees_its_projector(monkeypatch):
 def test_matrix_refusals_and_dense_access(monkeypatch):
     with pytest.raises(ValueError, match="refusing to probe a 336-voxel volume"):
         MatrixBackend.build(VOL3, CONE3, source="probe", max_voxels=100)
+    with pytest.raises(ValueError, match=r"about 2\.86e\+03 non-zeros.*max_nnz=1000"):
+        MatrixBackend.build(VOL2, PAR2, max_nnz=1000)
+    assert MatrixBackend.build(VOL2, PAR2).nnz <= MatrixBackend.estimate_nnz(VOL2, PAR2)
+    assert MatrixBackend.build(VOL3, CONE3).nnz <= MatrixBackend.estimate_nnz(VOL3, CONE3)
     with pytest.raises(ValueError, match="unknown matrix source 'svd'"):
         MatrixBackend.build(VOL2, PAR2, source="svd")
     with pytest.raises(TypeError, match="float32 or float64"):

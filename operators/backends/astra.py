@@ -265,7 +265,8 @@ class AstraCUDA(_AstraBase):
             raise RuntimeError("this AstraCUDA projector has been closed")
         exp = self._astra.experimental
         a = src.detach().to(torch.float32).contiguous()
-        out = torch.empty((a.shape[0], *out_shape), dtype=torch.float32, device=src.device)
+        # zeros, not empty: whether a direct BP overwrites or accumulates is not promised
+        out = torch.zeros((a.shape[0], *out_shape), dtype=torch.float32, device=src.device)
         with ASTRA_LOCK:
             # ASTRA runs on its own stream: finish pending torch work on these buffers first.
             _sync(src.device)

@@ -92,6 +92,7 @@ class MatrixBackend:
         probe_backend: str = "torch",
         projector: str = "linear",
         max_voxels: int = 2**16,
+        max_nnz: int = 2**27,
         block_bytes: int = 64 * 2**20,
         **probe_options: Any,
     ) -> MatrixBackend:
@@ -104,6 +105,8 @@ class MatrixBackend:
             dtype: float32 or float64 (default; the reference precision).
             probe_backend: a backend name (``"torch"``, ``"astra_cpu"``, ...) for probing.
             max_voxels: refuse to probe larger volumes (one projection per voxel).
+            max_nnz: refuse when the expected number of non-zeros (about two voxels per
+                plane crossed, per ray) exceeds this (2**27 is ~1.5 GiB with indices).
             block_bytes: memory bound for one block of probe projections.
         """
         if dtype not in (torch.float32, torch.float64):
@@ -112,6 +115,13 @@ class MatrixBackend:
             raise GeometryError(
                 f"geometry/volume mismatch: a {geometry.ndim}D {type(geometry).__name__} "
                 f"cannot project a {volume.ndim}D volume of shape {volume.shape}"
+            )
+        est = cls.estimate_nnz(volume, geometry)
+        if est > max_nnz:
+            raise ValueError(
+                f"refusing to build a system matrix with about {est:.3g} non-zeros for "
+                f"volume {volume.shape} and sinogram {geometry.shape} (limit max_nnz={max_nnz}); "
+                "use a matrix-free backend ('torch', 'astra_cpu') or raise max_nnz"
             )
         if source == "auto":
             source = "astra" if volume.ndim == 2 else "probe"
@@ -126,6 +136,13 @@ class MatrixBackend:
         m = m.to(dtype)
         label = f"astra:{projector}" if source == "astra" else f"probe:{probe_backend}"
         return cls(volume, geometry, m, source=label)
+
+    @staticmethod
+    def estimate_nnz(volume: VolumeGeometry, geometry: ProjectionGeometry) -> int:
+        """Rough non-zero count: each ray meets about two voxels on each of ``max(shape)``
+        planes (an upper-end estimate for linear/Joseph kernels, 2-4 per plane in 3D)."""
+        per_ray = (2 if volume.ndim == 2 else 4) * max(volume.shape)
+        return int(math.prod(geometry.shape) * per_ray)
 
     @staticmethod
     def _from_astra(
