@@ -319,6 +319,15 @@ def test_astra_cuda_wiring_with_stubbed_kernels(fake_astra, monkeypatch, vol, ge
     assert fake_astra.deleted == [("2d" if vol.ndim == 2 else "3d", 100)]
 
 
+def test_astra_is_pointed_at_the_tensors_gpu_once(monkeypatch):
+    picked = []
+    fake = types.SimpleNamespace(set_gpu_index=picked.append)
+    monkeypatch.setattr(astra_backend, "_GPU_INDEX", [None])
+    for dev in ("cuda:1", "cuda:1", "cpu", "cuda:0", "cuda:1"):
+        astra_backend._select_gpu(fake, torch.device(dev))
+    assert picked == [1, 0, 1]
+
+
 def test_astra_cuda_guard_runs_before_any_native_call(monkeypatch):
     fake = FakeAstra()
     fake.create_projector = lambda *a: pytest.fail("native call without CUDA")

@@ -18,6 +18,7 @@ native call and raises ``BackendUnavailable`` otherwise.
 from __future__ import annotations
 
 import functools
+import importlib
 import threading
 from typing import Any
 
@@ -80,6 +81,19 @@ def astra_proj_geom_3d(geometry: ProjectionGeometry) -> dict:
 def _check_float(t: torch.Tensor, name: str) -> None:
     if t.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{name} supports float32 and float64 tensors, got {t.dtype}")
+
+
+_GPU_INDEX: list[int | None] = [None]  # the GPU ASTRA was last pointed at (under ASTRA_LOCK)
+
+
+def _select_gpu(astra: Any, device: torch.device) -> None:
+    """Point ASTRA at the tensor's GPU (it works on one "current" GPU, default 0)."""
+    if device.type != "cuda":
+        return
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if _GPU_INDEX[0] != idx:
+        astra.set_gpu_index(idx)
+        _GPU_INDEX[0] = idx
 
 
 def _sync(device: torch.device) -> None:
@@ -228,6 +242,8 @@ class AstraCUDA(_AstraBase):
         # Checked here, before any native object exists: no CUDA call may run without a GPU.
         self._require_cuda()
         astra = _import_astra()
+        if not hasattr(astra, "experimental"):  # a submodule: no attribute until imported
+            importlib.import_module("astra.experimental")
         self._astra = astra
         self._ndim = volume.ndim
         self._vol_geom = volume.to_astra()
@@ -268,6 +284,7 @@ class AstraCUDA(_AstraBase):
         # zeros, not empty: whether a direct BP overwrites or accumulates is not promised
         out = torch.zeros((a.shape[0], *out_shape), dtype=torch.float32, device=src.device)
         with ASTRA_LOCK:
+            _select_gpu(self._astra, src.device)
             # ASTRA runs on its own stream: finish pending torch work on these buffers first.
             _sync(src.device)
             for k in range(a.shape[0]):
