@@ -10,26 +10,33 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "clone_state"]
+__all__ = [
+    "CheckpointError",
+    "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load_checkpoint",
+    "clone_state",
+]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or does not match what is being resumed."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj)`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
+def _atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -37,6 +44,21 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (temp file + fsync + ``os.replace``)."""
+    return _atomic(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return _atomic(path, lambda fh: fh.write(data))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    return atomic_write_bytes(text.encode("utf-8"), path)
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict:
