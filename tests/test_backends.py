@@ -101,6 +101,8 @@ def test_astra_cpu_refuses_devices_kernels_and_closed_projectors():
         AstraCPU(VOL2, FAN2, projector="strip")
     with pytest.raises(BackendUnavailable, match="does not support Parallel2D"):
         AstraCPU(VOL2, PAR2, projector="cuda")
+    with pytest.raises(BackendUnavailable, match=r"square pixels, got voxel_size=\(0.7, 1.2\)"):
+        AstraCPU(VolumeGeometry(shape=(4, 5), voxel_size=(0.7, 1.2)), PAR2)
     be.close()
     be.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
@@ -427,6 +429,8 @@ def test_odl_geometry_round_trip_and_refusals():
         to_odl(RayTransform(VOL2, PAR2))
     with pytest.raises(GeometryError, match="ignores detector offsets"):
         RayTransform(VOL2, PAR2, backend="odl")
+    with pytest.raises(BackendUnavailable, match="square pixels"):
+        RayTransform(VolumeGeometry(shape=(4, 5), voxel_size=(0.7, 1.2)), centred, backend="odl")
     space = odl.uniform_discr([-1, -1], [1, 1], (4, 4), dtype="float32")
     apart = odl.uniform_partition(0, np.pi, 3)
     shifted = tomo.Parallel2dGeometry(apart, odl.uniform_partition(-2.2, 1.8, 5))

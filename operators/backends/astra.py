@@ -164,6 +164,12 @@ class AstraCPU(_AstraBase):
                 f"astra_cpu projector {projector!r} does not support "
                 f"{type(geometry).__name__}; choose one of {list(allowed)}"
             )
+        vy, vx = volume.voxel_size
+        if not np.isclose(vy, vx, rtol=1e-9, atol=0):
+            raise BackendUnavailable(
+                f"ASTRA's CPU projectors need square pixels, got voxel_size={volume.voxel_size} "
+                "(y, x); use backend='torch'"
+            )
         astra = _import_astra()
         self.volume = volume
         self.geometry = geometry
@@ -171,7 +177,12 @@ class AstraCPU(_AstraBase):
         self._vol_geom = volume.to_astra()
         self._proj_geom = astra_proj_geom_2d(geometry)
         with ASTRA_LOCK:
-            self._pid = astra.create_projector(projector, self._proj_geom, self._vol_geom)
+            try:
+                self._pid = astra.create_projector(projector, self._proj_geom, self._vol_geom)
+            except Exception as exc:  # ASTRA's configuration checks: report, don't crash
+                raise BackendUnavailable(
+                    f"ASTRA refused the {projector!r} projector: {exc}"
+                ) from exc
         self._delete = astra.projector.delete
         self._fp = astra.projector.direct_FP
         self._bp = astra.projector.direct_BP

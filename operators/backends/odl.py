@@ -281,6 +281,10 @@ def odl_ray_transform(
     ``astra_cpu`` implementation needs ``dtype="float32"``.
     """
     odl, tomo = import_odl()
+    if impl == "astra_cpu" and vol.ndim == 2 and not np.isclose(*vol.voxel_size, rtol=1e-9):
+        raise BackendUnavailable(
+            f"ODL's astra_cpu needs square pixels, got voxel_size={vol.voxel_size} (y, x)"
+        )
     if vol.ndim != 2 or not isinstance(geom, Parallel2D | FanBeam2D):
         raise GeometryError(
             f"to_odl supports 2D Parallel2D/FanBeam2D transforms, got {type(geom).__name__}"
