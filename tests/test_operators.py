@@ -259,7 +259,9 @@ def test_unit_scaling_rule(case):
         r, c = (int(round(v)) for v in where[k])
         want = _chord(geom, vol, k, r, c)
         assert want > 0
-        assert sino[k, r, c] == pytest.approx(want, rel=0.03), f"{case.id}: view {k}"
+        # Exact up to float32 rounding on the CPU (measured <= 2e-7); ASTRA CUDA samples
+        # with 8-bit texture interpolation weights.
+        assert sino[k, r, c] == pytest.approx(want, rel=1e-2 if case.cuda else 1e-5), case.id
 
 
 @pytest.mark.parametrize("case", BATTERY)
