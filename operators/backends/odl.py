@@ -89,6 +89,11 @@ class OdlBackend:
         self.volume = volume
         self.geometry = geometry
         self._perm = volume is not None
+        if volume is not None and volume.ndim != 2:
+            raise GeometryError(
+                "OdlBackend maps 2D ray transforms (3D sinogram axes differ: ODL uses "
+                f"(angles, u, v)); got a {volume.ndim}D volume"
+            )
         dom_shape = tuple(op.domain.shape)
         ran_shape = tuple(op.range.shape)
         if volume is not None and tuple(volume.shape)[::-1] != dom_shape:
