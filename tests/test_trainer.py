@@ -326,3 +326,22 @@ def _dip_checkpoint(tmp_path, op, y):
         checkpoint_dir=tmp_path / "ck",
     )
     return tmp_path / "ck" / CHECKPOINT_NAME
+
+
+def test_progress_bar_with_ground_truth_logging(capsys):
+    op, x, y = _problem_2d(16, 8)
+    res = fit_dip(
+        op,
+        y,
+        net=_tiny_net(),
+        tv_weight=1e-3,
+        iterations=12,
+        lr=1e-2,
+        init="noise",
+        ground_truth=x,
+        log_every=5,
+        progress=True,
+    )
+    assert [m[0] for m in res.metrics] == [0, 5, 10, 11]
+    assert all(math.isfinite(p) and -1 <= s <= 1 for _, p, s in res.metrics)
+    assert "DIP" in capsys.readouterr().err  # tqdm writes to stderr

@@ -51,8 +51,8 @@ class UNetConfig:
 
     Args:
         ndim: 2 (images ``(B, C, H, W)``) or 3 (volumes ``(B, C, D, H, W)``).
-        channels: channels per scale, coarse to fine order is *not* used: entry 0 is the
-            full-resolution scale.
+        channels: channels per scale; entry 0 is the full-resolution scale, entry ``k`` the
+            scale downsampled ``k`` times.
         skip_channels: skip width per scale (see module docstring), ``0`` = no skip.
         use_sigmoid: apply ``sigmoid(clamp(out, -15, 15))`` to the output.
         use_norm: GroupNorm (one group) after every conv except ``outc``.
