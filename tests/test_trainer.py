@@ -345,3 +345,27 @@ def test_progress_bar_with_ground_truth_logging(capsys):
     assert [m[0] for m in res.metrics] == [0, 5, 10, 11]
     assert all(math.isfinite(p) and -1 <= s <= 1 for _, p, s in res.metrics)
     assert "DIP" in capsys.readouterr().err  # tqdm writes to stderr
+
+
+def test_param_clamp_bounds_every_parameter():
+    op, _, y = _problem_2d(16, 8)
+    res = fit_dip(
+        op,
+        y,
+        net=_tiny_net(),
+        tv_weight=1e-3,
+        iterations=10,
+        lr=5e-2,
+        init="noise",
+        param_clamp=0.05,
+        progress=False,
+    )
+    assert max(float(p.detach().abs().max()) for p in res.net.parameters()) <= float(
+        torch.tensor(0.05)
+    )
+    free = fit_dip(
+        op, y, net=_tiny_net(), tv_weight=1e-3, iterations=10, lr=5e-2, init="noise", progress=False
+    )
+    assert max(float(p.detach().abs().max()) for p in free.net.parameters()) > 0.05
+    with pytest.raises(ValueError, match="param_clamp"):
+        fit_dip(op, y, net=_tiny_net(), tv_weight=0, iterations=1, param_clamp=-1.0)

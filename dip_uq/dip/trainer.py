@@ -302,6 +302,12 @@ def fit_dip(
     best_image: torch.Tensor | None = None
     metrics: list[tuple[int, float, float]] = []
     stopped = False
+    if param_clamp is not None:
+        if not (math.isfinite(param_clamp) and param_clamp > 0):
+            raise ValueError(f"param_clamp must be positive and finite, got {param_clamp!r}")
+        with torch.no_grad():  # the constraint holds from the first evaluated iterate on
+            for p in params:
+                p.clamp_(-param_clamp, param_clamp)
     if resume and ckpt_path is not None and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path, map_location=y.device)
         _check_resumable(ck, ckpt_path, y, tv_weight, lr, iterations, model)
