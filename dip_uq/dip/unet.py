@@ -137,8 +137,10 @@ class _MCDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not (self.training or self.always_on):
             return x
-        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=self.generator)
-        return x * keep / (1.0 - self.p)
+        g = self.generator
+        dev = g.device if g is not None else x.device  # masks drawn where the generator lives
+        keep = torch.empty(x.shape, dtype=x.dtype, device=dev).bernoulli_(1.0 - self.p, generator=g)
+        return x * keep.to(x.device) / (1.0 - self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
