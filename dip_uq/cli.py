@@ -113,7 +113,12 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
             f"{args.sinogram}: sinogram shape {tuple(sino.shape)} does not match the geometry "
             f"in {args.geometry}: expected {tuple(geometry.shape)} {order}"
         )
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        raise CLIError(f"--device {args.device!r} is not a torch device: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: CUDA is not available in this torch build/machine")
     y = torch.as_tensor(np.ascontiguousarray(sino), dtype=torch.float32, device=device)
     op = RayTransform(volume, geometry)
     net = args.net

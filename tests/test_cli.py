@@ -277,6 +277,13 @@ def test_reconstruct_bad_input_names_the_problem(tmp_path, capsys):
     assert "tv_weight" in err
     err = _run_err(capsys, ["reconstruct", str(spath), *base, "--iterations", "0"])
     assert "iterations must be a positive integer" in err
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in _run_err(
+            capsys, ["reconstruct", str(spath), *base, "--device", "cuda"]
+        )
+    assert "not a torch device" in _run_err(
+        capsys, ["reconstruct", str(spath), *base, "--device", "toaster"]
+    )
     (tmp_path / "g.json").write_text(json.dumps({"volume": {"shape": [16, 16]}}))
     err = _run_err(
         capsys,
