@@ -46,6 +46,14 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
         "--net", default="small", help="U-Net preset (small, large) or a pretrained .pt file"
     )
     p.add_argument("--init", default="fbp", choices=("fbp", "backprojection", "noise"))
+    p.add_argument(
+        "--edip-iterations",
+        type=int,
+        default=0,
+        help="first pretrain the net on simulated ellipses with this operator for this many "
+        "steps (EDIP; saved to OUT/edip.pt and reusable with --net OUT/edip.pt); 0 = off",
+    )
+    p.add_argument("--edip-images", type=int, default=64, help="simulated EDIP images (64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
@@ -127,6 +135,30 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         if not net.is_file():
             raise CLIError(f"{net}: pretrained network file not found")
     out: Path = args.out.expanduser()
+    if args.edip_iterations < 0:
+        raise CLIError(f"--edip-iterations must be >= 0, got {args.edip_iterations}")
+    if args.edip_iterations > 0:
+        from .dip.pretrain import pretrain_edip
+        from .dip.trainer import initial_input
+
+        if isinstance(net, Path):
+            raise CLIError("use either --net FILE.pt (already pretrained) or --edip-iterations")
+        # phantoms span [0, s] with s the 99th percentile of the analytic reconstruction
+        z0 = initial_input(op, y, "fbp")
+        value_scale = float(torch.quantile(z0.flatten().float().cpu(), 0.99))
+        pre = pretrain_edip(
+            op,
+            net=net,
+            n_images=args.edip_images,
+            iterations=args.edip_iterations,
+            lr=args.lr,
+            value_scale=max(value_scale, 1e-6),
+            generator=torch.Generator().manual_seed(args.seed),
+            save_path=out / "edip.pt",
+            progress=not args.no_progress,
+        )
+        net = pre.net.to(device)
+        print(f"EDIP pretraining done: wrote {out / 'edip.pt'}")
     res = fit_dip(
         op,
         y,

@@ -301,3 +301,62 @@ def test_demo_quick(tmp_path, capsys):
     assert (tmp_path / "demo.png").stat().st_size > 0
     r = json.loads((tmp_path / "demo.json").read_text())
     assert r["image_shape"] == [64, 64] and math.isfinite(r["psnr_dip"])
+
+
+def test_reconstruct_with_edip_pretraining(tmp_path, capsys):
+    spath, gpath, _ = _scan(tmp_path)
+    out = tmp_path / "o"
+    rc = main(
+        [
+            "reconstruct",
+            str(spath),
+            "-g",
+            str(gpath),
+            "-o",
+            str(out),
+            "--iterations",
+            "3",
+            "--edip-iterations",
+            "4",
+            "--edip-images",
+            "3",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    from dip_uq.dip.pretrain import load_pretrained
+
+    assert load_pretrained(out / "edip.pt").config.channels == (32, 32, 32)
+    # the saved file is reusable as --net
+    rc = main(
+        [
+            "reconstruct",
+            str(spath),
+            "-g",
+            str(gpath),
+            "-o",
+            str(tmp_path / "o2"),
+            "--iterations",
+            "2",
+            "--net",
+            str(out / "edip.pt"),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    err = _run_err(
+        capsys,
+        [
+            "reconstruct",
+            str(spath),
+            "-g",
+            str(gpath),
+            "-o",
+            str(out),
+            "--net",
+            str(out / "edip.pt"),
+            "--edip-iterations",
+            "2",
+        ],
+    )
+    assert "either --net" in err
