@@ -369,3 +369,19 @@ def test_param_clamp_bounds_every_parameter():
     assert max(float(p.detach().abs().max()) for p in free.net.parameters()) > 0.05
     with pytest.raises(ValueError, match="param_clamp"):
         fit_dip(op, y, net=_tiny_net(), tv_weight=0, iterations=1, param_clamp=-1.0)
+
+
+def test_vector_geometry_falls_back_to_backprojection_input():
+    from operators import ConeVec3D
+
+    vol = VolumeGeometry(shape=(8, 8, 8))
+    cone = ConeBeam3D.default(vol, n_angles=4)
+    op = RayTransform(vol, ConeVec3D(vectors=cone.to_vec(), det_shape=cone.det_shape))
+    y = op(shepp_logan_3d((8, 8, 8)))
+    with pytest.warns(UserWarning, match="scaled backprojection"):
+        z = initial_input(op, y, "fbp")
+    assert torch.allclose(z, initial_input(op, y, "backprojection"))
+    net = {"channels": (4, 4), "skip_channels": (0, 2)}
+    with pytest.warns(UserWarning):
+        res = fit_dip(op, y, net=net, tv_weight=0.0, iterations=2, progress=False)
+    assert res.image.shape == (8, 8, 8)
