@@ -54,7 +54,9 @@ class DIPResult:
     """What :func:`fit_dip` returns.
 
     Attributes:
-        image: the reconstruction at the best iterate, shape ``volume.shape``.
+        image: the reconstruction at the best iterate, shape ``volume.shape`` (for an
+            MC-dropout net: the training-mode output, one dropout draw; use
+            ``mc_dropout_samples`` for the MC mean).
         net: the network with the best parameters loaded (eval mode).
         loss_history: training loss per iteration (float64, length ``iterations_run``).
         best_iteration: index of the lowest loss in ``loss_history``.
