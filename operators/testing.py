@@ -45,8 +45,8 @@ def operator_norm(
 
     On the CPU this is ``op.norm()``; elsewhere (e.g. ASTRA CUDA, which only takes CUDA
     tensors) the iteration runs on ``device`` in ``dtype``."""
-    if torch.device(device).type == "cpu" and hasattr(op, "norm"):
-        return float(op.norm())
+    if hasattr(op, "norm") and hasattr(op, "_backend_for"):  # a RayTransform: cached
+        return float(op.norm(device=device, iterations=iterations, tol=tol, generator=generator))
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     x = torch.randn(op.domain_shape, generator=g, dtype=torch.float64)
     x = (x / x.norm()).to(dtype=dtype, device=device)

@@ -112,7 +112,7 @@ class RayTransform(nn.Module):
         elif backend != "auto":
             # Resolve eagerly so an unavailable backend fails at construction.
             self._backend_for(torch.device("cuda") if backend == "astra_cuda" else None)
-        self._norm: float | None = None
+        self._norm: dict[str, float] | None = None  # per device
         # Not a registered submodule: the adjoint view points back at this module.
         object.__setattr__(self, "_adjoint_view", _Adjoint(self))
 
@@ -203,31 +203,44 @@ class RayTransform(nn.Module):
     def norm(
         self,
         *,
-        iterations: int = 50,
-        tol: float = 1e-6,
+        iterations: int = 100,
+        tol: float = 1e-7,
         generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
         recompute: bool = False,
     ) -> float:
-        """Operator 2-norm ``||A||`` by power iteration on ``A^T A`` (float64, cached)."""
-        if self._norm is not None and not recompute:
-            return self._norm
+        """Operator 2-norm ``||A||`` by power iteration on ``A^T A`` (cached per device).
+
+        Runs in float64 where the backend supports it (float32 for ASTRA). ``device``
+        defaults to CPU, or CUDA for backends that only take CUDA tensors (ASTRA CUDA,
+        tomosipo)."""
+        if device is None:
+            device = "cuda" if self._requested in ("astra_cuda", "tomosipo") else "cpu"
+        device = torch.device(device)
+        key = str(device)
+        if self._norm is not None and key in self._norm and not recompute:
+            return self._norm[key]
+        be = self._backend_for(device)
+        dtype = (
+            torch.float32 if be.name.startswith("astra") or be.name == "tomosipo" else torch.float64
+        )
         g = generator if generator is not None else torch.Generator().manual_seed(0)
         x = torch.randn(self.domain_shape, generator=g, dtype=torch.float64)
-        x /= x.norm()
-        dtype = torch.float64 if self.backend.name != "astra_cpu" else torch.float32
+        x = (x / x.norm()).to(dtype=dtype, device=device)
         lam = 0.0
         for _ in range(iterations):
-            z = self._apply_adjoint(self._apply_forward(x.to(dtype))).double()
-            new = float(z.norm())
+            z = self._apply_adjoint(self._apply_forward(x))
+            new = float(z.double().norm())
             if new == 0:
+                lam = 0.0
                 break
             x = z / new
             if abs(new - lam) <= tol * new:
                 lam = new
                 break
             lam = new
-        self._norm = lam**0.5
-        return self._norm
+        self._norm = {**(self._norm or {}), key: lam**0.5}
+        return self._norm[key]
 
     def extra_repr(self) -> str:
         return f"volume={self.volume!r}, geometry={self.geometry!r}, backend={self._requested!r}"
