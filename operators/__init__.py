@@ -4,6 +4,8 @@ This package never imports ``dip_uq``; anything with ``A(x)`` and ``A.T(y)`` can
 a ``RayTransform`` in the layers above.
 """
 
+from . import analytic, noise, phantoms, testing  # submodules as attributes
+from .analytic import analytic_reconstruction, fbp, fdk
 from .errors import BackendUnavailable, GeometryError
 from .geometry import (
     ConeBeam3D,
@@ -31,4 +33,11 @@ __all__ = [
     "ConeVec3D",
     "uniform_angles",
     "RayTransform",
+    "analytic",
+    "noise",
+    "phantoms",
+    "testing",
+    "fbp",
+    "fdk",
+    "analytic_reconstruction",
 ]
