@@ -96,9 +96,20 @@ def bench_2d(n: int, n_angles: int, n_det: int, repeats: int) -> list[dict]:
     return rows
 
 
+def _vm_hwm_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux /proc; 0 where unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def bench_3d_case(n: int, n_views: int) -> dict:
-    """Run in a fresh process so that ru_maxrss is this case's own peak."""
-    import resource
+    """Run in a fresh process; VmHWM (peak resident set of this process image, reset by
+    exec unlike ru_maxrss, which a child inherits from its parent) is its own peak."""
 
     torch.manual_seed(0)
     vol = VolumeGeometry(shape=(n, n, n))
@@ -106,13 +117,13 @@ def bench_3d_case(n: int, n_views: int) -> dict:
     op = RayTransform(vol, geom, backend="torch")
     x = torch.rand(vol.shape)
     y = torch.empty(geom.shape)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = _vm_hwm_mb()
     t0 = time.perf_counter()
     y = op(x)
     t1 = time.perf_counter()
     op.T(y)
     t2 = time.perf_counter()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _vm_hwm_mb()
     data_mb = (x.numel() + y.numel()) * 4 / 2**20
     return {
         "case": f"cone {n}^3 x {n_views} views, det {geom.det_shape}",
