@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_laplace_problems import cnn_model
+from test_laplace_problems import cnn_model, one_thread  # noqa: F401
 from torch import nn
 
 from dip_uq.laplace import FunctionalModel, ParameterSelection

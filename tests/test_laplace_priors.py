@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_laplace_problems import one_thread  # noqa: F401
 from torch import nn
 
 from dip_uq.laplace import BlockPrior, ParameterSelection, matern_correlation

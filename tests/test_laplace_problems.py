@@ -7,6 +7,7 @@ d_y = 200); (d) a small softmax classifier. All float64.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -99,3 +100,12 @@ def classifier(n: int = 30, classes: int = 3, seed: int = 0, **kw) -> Linearised
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, classes)).double()
     y = torch.randint(0, classes, (n,), generator=g)
     return LinearisedLaplace(model, Categorical(), X, y, **kw)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These problems are tiny: intra-op threads only add OpenMP contention on shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

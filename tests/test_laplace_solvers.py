@@ -1,0 +1,160 @@
+"""Solvers against exact dense posteriors (float64) on problems (a)-(d)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_laplace_problems import blr, classifier, ct_like, mlp, one_thread  # noqa: F401
+
+from dip_uq.laplace import draw_noise
+from dip_uq.laplace.solvers import functional_covariance
+
+
+def _problem(name):
+    if name == "blr":
+        return blr(prior_variance=0.05, noise_var=0.3)
+    if name == "mlp":
+        return mlp(prior_variance=0.1)
+    # moderate conditioning (λ_max(ĜᵀĜ) ~ 1e2-1e3) keeps the iterative solvers short
+    if name == "ct":  # default runs: d = 1296, d_y = 100
+        return ct_like(side=12, n_meas=100, channels=8, noise=0.1, prior_variance=0.05)
+    if name == "ct_full":  # the issue's size: d = 4896, d_y = 200 (slow)
+        return ct_like(side=16, n_meas=200, channels=16, noise=0.1, prior_variance=0.02)
+    return classifier(prior_variance=1.0)
+
+
+def test_exact_blr_matches_closed_form():
+    la = blr(prior_variance=0.5, noise_var=0.1)
+    X = torch.cat([la.inputs, torch.ones(la.inputs.shape[0], 1, dtype=torch.float64)], 1)
+    H = X.T @ X / 0.1 + torch.eye(X.shape[1], dtype=torch.float64) / 0.5
+    mean = torch.linalg.solve(H, X.T @ la.targets[:, 0] / 0.1)
+    # parameter order: weight (49) then bias (1), as in X
+    res = la.linear_mode("exact")
+    torch.testing.assert_close(res.samples[0], mean)
+    cov = functional_covariance(la.system(), torch.eye(la.d, dtype=torch.float64))
+    torch.testing.assert_close(cov, torch.linalg.inv(H))
+
+
+def test_exact_classifier_matches_dense_softmax_ggn():
+    la = classifier(prior_variance=1.0)
+    J = la.fmodel.dense_jacobian(la.inputs).reshape(*la.inputs.shape[:1], -1, la.d)  # (n, C, d)
+    # B_n by the closed-form product p⊙v − p(pᵀv) + 1e-6 v, column by column
+    C = J.shape[1]
+    eye = torch.eye(C, dtype=torch.float64)[:, None, :].expand(C, J.shape[0], C)
+    B = la.likelihood.curvature_mv(eye).permute(1, 2, 0)  # (n, C, C)
+    H = torch.einsum("nci,ncd,ndj->ij", J, B, J) + torch.eye(la.d, dtype=torch.float64)
+    cov = functional_covariance(la.system(), torch.eye(la.d, dtype=torch.float64))
+    torch.testing.assert_close(cov, torch.linalg.inv(H))
+
+
+SOLVER_OPTS = {
+    "sgd": dict(iterations=3000, tol=1e-6, momentum=0.9),
+    "cg": dict(tol=1e-8, precond_rank=10),
+    "sdd": dict(iterations=3000, tol=1e-6),
+}
+
+
+@pytest.mark.parametrize(
+    "problem", ["blr", "mlp", "ct", "cls", pytest.param("ct_full", marks=pytest.mark.slow)]
+)
+@pytest.mark.parametrize("solver", ["sgd", "cg", "sdd"])
+def test_solver_samples_equal_exact_draw_by_draw(problem, solver):
+    """With shared noise all solvers target the same z; compare each draw to `exact`."""
+    la = _problem(problem)
+    system = la.system()
+    g = torch.Generator().manual_seed(7)
+    noise = draw_noise(system, 6, g)
+    ref = la.sample(6, "exact", noise=noise).samples
+    res = la.sample(6, solver, generator=g, noise=noise, **SOLVER_OPTS[solver])
+    err = float((res.samples - ref).norm() / ref.norm())
+    tol = 1e-6 if solver == "cg" else 2e-3
+    assert err < tol, (err, res.iterations, res.residual)
+    assert res.converged and res.iterations > 0 and len(res.trace) > 0
+    # and the posterior mean θ_lin (regression only)
+    if problem != "cls":
+        m_ref = la.linear_mode("exact").samples[0]
+        m = la.linear_mode(solver, **SOLVER_OPTS[solver]).samples[0]
+        assert float((m - m_ref).norm() / m_ref.norm()) < tol
+
+
+def test_sgd_minibatches_and_polyak_converge_near_exact():
+    la = _problem("mlp")
+    g = torch.Generator().manual_seed(1)
+    noise = draw_noise(la.system(), 4, g)
+    ref = la.sample(4, "exact", noise=noise).samples
+    res = la.sample(4, "sgd", generator=g, noise=noise, batch_size=20, iterations=1500, polyak=True)
+    assert float((res.samples - ref).norm() / ref.norm()) < 0.05
+
+
+def test_sdd_minibatches_converge_to_exact():
+    la = _problem("blr")
+    g = torch.Generator().manual_seed(1)
+    noise = draw_noise(la.system(), 4, g)
+    ref = la.sample(4, "exact", noise=noise).samples
+    res = la.sample(4, "sdd", generator=g, noise=noise, batch_size=50, iterations=3000, tol=1e-5)
+    assert float((res.samples - ref).norm() / ref.norm()) < 1e-2
+
+
+def _mc_check(samples_out: torch.Tensor, cov: torch.Tensor, k: int):
+    """Per-output variances and the whole covariance against the exact one, with tolerances
+    from Monte-Carlo theory (var of a K-sample variance = 2σ⁴/K)."""
+    S = samples_out.T @ samples_out / k  # zero-mean samples
+    rel = (S.diagonal() - cov.diagonal()).abs() / cov.diagonal()
+    assert float(rel.median()) < 2.0 * math.sqrt(2 / k)
+    assert float(rel.max()) < 5.5 * math.sqrt(2 / k)
+    # covariance test along the top eigenvectors of C and random directions a:
+    # aᵀSa / aᵀCa ~ χ²_K / K (relative sd √(2/K)); dropping the correlations must fail it
+    evecs = torch.linalg.eigh(cov)[1][:, -5:].T
+    rand = torch.randn(
+        20, cov.shape[0], generator=torch.Generator().manual_seed(0), dtype=cov.dtype
+    )
+    dirs = torch.cat([evecs, rand / rand.norm(dim=1, keepdim=True)])
+
+    def worst(c):
+        return float(((dirs @ S * dirs).sum(1) / (dirs @ c * dirs).sum(1) - 1).abs().max())
+
+    assert worst(cov) < 5 * math.sqrt(2 / k)
+    assert worst(torch.diag(cov.diagonal())) > 5 * math.sqrt(2 / k)  # the test can fail
+
+
+@pytest.mark.parametrize(
+    "problem", ["mlp", "ct", "cls", pytest.param("ct_full", marks=pytest.mark.slow)]
+)
+def test_monte_carlo_moments_match_exact_posterior(problem):
+    la = _problem(problem)
+    k = 1024 if problem != "cls" else 2048
+    system = la.system()
+    J = la.fmodel.dense_jacobian(la.inputs)
+    cov = functional_covariance(system, J)
+    g = torch.Generator().manual_seed(11)
+    solver = "cg" if problem.startswith("ct") else "exact"
+    res = la.sample(k, solver, g, **({"precond_rank": 100} if solver == "cg" else {}))
+    out = la.functional_samples(res.samples).reshape(k, -1)
+    assert float(out.mean(0).abs().max()) < 5 * float(cov.diagonal().sqrt().max()) / math.sqrt(k)
+    _mc_check(out, cov, k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver", ["sgd", "cg", "sdd"])
+def test_4096_samples_per_output_variance_within_10_percent(solver):
+    la = _problem("ct_full")
+    k = 4096
+    cov = functional_covariance(la.system(), la.fmodel.dense_jacobian(la.inputs))
+    res = la.sample(k, solver, torch.Generator().manual_seed(3), **SOLVER_OPTS[solver])
+    out = la.functional_samples(res.samples).reshape(k, -1)
+    var = (out**2).mean(0)
+    assert float(((var - cov.diagonal()).abs() / cov.diagonal()).max()) < 0.10
+
+
+def test_functional_variance_streams_and_matches_exact():
+    la = _problem("ct")
+    g = torch.Generator().manual_seed(5)
+    var = la.functional_variance(
+        n_samples=512, solver="cg", generator=g, batch_size=256, precond_rank=100
+    )
+    exact = functional_covariance(la.system(), la.fmodel.dense_jacobian(la.inputs)).diagonal()
+    assert var.shape == (1, 1, 12, 12)
+    rel = (var.reshape(-1) - exact).abs() / exact
+    assert float(rel.median()) < 2 * math.sqrt(2 / 512)
