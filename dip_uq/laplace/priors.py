@@ -129,7 +129,7 @@ class BlockPrior(nn.Module):
         return torch.linalg.cholesky(cov)
 
     # ---- products with Σ_w (before g-prior scaling) ----------------------------------
-    def _apply(self, v: torch.Tensor, diag_fn, filt_fn) -> torch.Tensor:
+    def _product(self, v: torch.Tensor, diag_fn, filt_fn) -> torch.Tensor:
         if v.shape[-1] != self.selection.d:
             raise ValueError(
                 f"prior product: expected last dim {self.selection.d}, got {tuple(v.shape)}"
@@ -151,19 +151,21 @@ class BlockPrior(nn.Module):
         return out
 
     def _w_cov(self, v):
-        return self._apply(v, lambda x, var: x * var, lambda x, L: (x @ L) @ L.mT)
+        return self._product(v, lambda x, var: x * var, lambda x, L: (x @ L) @ L.mT)
 
     def _w_sqrt(self, v):  # L v (filters stored as rows: x Lᵀ)
-        return self._apply(v, lambda x, var: x * var.sqrt(), lambda x, L: x @ L.mT)
+        return self._product(v, lambda x, var: x * var.sqrt(), lambda x, L: x @ L.mT)
 
     def _w_sqrt_t(self, v):  # Lᵀ v
-        return self._apply(v, lambda x, var: x * var.sqrt(), lambda x, L: x @ L)
+        return self._product(v, lambda x, var: x * var.sqrt(), lambda x, L: x @ L)
 
     def _w_prec(self, v):
-        return self._apply(v, lambda x, var: x / var, lambda x, L: torch.cholesky_solve(x.mT, L).mT)
+        return self._product(
+            v, lambda x, var: x / var, lambda x, L: torch.cholesky_solve(x.mT, L).mT
+        )
 
     def _w_sqrt_inv(self, v):  # L⁻¹ v
-        return self._apply(
+        return self._product(
             v,
             lambda x, var: x / var.sqrt(),
             lambda x, L: torch.linalg.solve_triangular(L, x.mT, upper=False).mT,
