@@ -18,6 +18,7 @@ from .geometry import (
     VolumeGeometry,
     uniform_angles,
 )
+from .linear import MatrixOperator
 from .transform import RayTransform
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "ConeVec3D",
     "uniform_angles",
     "RayTransform",
+    "MatrixOperator",
     "analytic",
     "noise",
     "phantoms",

@@ -28,7 +28,6 @@ in units of 1/mm times mm, i.e. dimensionless). Nothing here downloads anything.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -37,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from operators import ConeVec3D, RayTransform, VolumeGeometry
+from operators.linear import MatrixOperator
 
 from ..io import DataFormatError, _atomic, read_tiff
 
@@ -335,108 +334,6 @@ def load_walnut_ground_truth(
 # --------------------------------------------------------------------------------------
 # The 2D single-slice sub-problem
 # --------------------------------------------------------------------------------------
-
-
-class _MatrixAdjoint(nn.Module):
-    def __init__(self, op: MatrixOperator) -> None:
-        super().__init__()
-        object.__setattr__(self, "_op", op)
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self._op.adjoint(y)
-
-    @property
-    def T(self) -> MatrixOperator:  # noqa: N802 - mathematical notation
-        return self._op
-
-    @property
-    def domain_shape(self) -> tuple[int, ...]:
-        return self._op.range_shape
-
-    @property
-    def range_shape(self) -> tuple[int, ...]:
-        return self._op.domain_shape
-
-
-class MatrixOperator(nn.Module):
-    """A linear operator given by a sparse matrix: ``(..., *domain_shape) ->
-    (..., *range_shape)``, ``op.T`` its exact transpose (``matched = True``).
-
-    ``matrix``: torch sparse COO ``(prod(range_shape), prod(domain_shape))``."""
-
-    matched = True
-
-    def __init__(
-        self,
-        matrix: torch.Tensor,
-        domain_shape: tuple[int, ...],
-        range_shape: tuple[int, ...],
-    ) -> None:
-        super().__init__()
-        m, n = math.prod(range_shape), math.prod(domain_shape)
-        if tuple(matrix.shape) != (m, n):
-            raise ValueError(
-                f"matrix shape {tuple(matrix.shape)} does not match range {range_shape} x "
-                f"domain {domain_shape} = ({m}, {n})"
-            )
-        self.matrix = matrix.coalesce()
-        self.domain_shape = tuple(domain_shape)
-        self.range_shape = tuple(range_shape)
-        self._csr: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        object.__setattr__(self, "_adjoint_view", _MatrixAdjoint(self))
-
-    @property
-    def T(self) -> _MatrixAdjoint:  # noqa: N802
-        return self._adjoint_view
-
-    def _mats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (like.dtype, like.device)
-        if key not in self._csr:
-            a = self.matrix.to(dtype=like.dtype, device=like.device)
-            self._csr[key] = (a, a.t().coalesce())
-        return self._csr[key]
-
-    def _apply(self, t: torch.Tensor, which: int, shape_in: tuple, shape_out: tuple):
-        k = len(shape_in)
-        if t.ndim < k or tuple(t.shape[-k:]) != shape_in:
-            raise ValueError(f"expected input (..., {shape_in}), got {tuple(t.shape)}")
-        lead = t.shape[:-k]
-        flat = t.reshape(-1, math.prod(shape_in)).t()
-        out = torch.sparse.mm(self._mats(t)[which], flat.contiguous())
-        return out.t().reshape(*lead, *shape_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``A x``."""
-        return self._apply(x, 0, self.domain_shape, self.range_shape)
-
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        """``A^T y``."""
-        return self._apply(y, 1, self.range_shape, self.domain_shape)
-
-    def norm(self, *, iterations: int = 100, generator: torch.Generator | None = None) -> float:
-        """``||A||_2`` by power iteration on ``A^T A`` (float64)."""
-        g = generator if generator is not None else torch.Generator().manual_seed(0)
-        x = torch.randn(self.domain_shape, generator=g, dtype=torch.float64)
-        lam = 0.0
-        for _ in range(iterations):
-            x = x / x.norm()
-            z = self.adjoint(self.forward(x))
-            lam_new = float((x * z).sum())
-            x = z
-            if abs(lam_new - lam) <= 1e-9 * lam_new:
-                break
-            lam = lam_new
-        return math.sqrt(max(lam_new, 0.0))
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_csr"] = {}
-        state.pop("_adjoint_view", None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        object.__setattr__(self, "_adjoint_view", _MatrixAdjoint(self))
 
 
 def probe_matrix(op: RayTransform, *, chunk: int = 64, dtype=torch.float32) -> torch.Tensor:
