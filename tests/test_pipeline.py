@@ -1,0 +1,220 @@
+"""Linearised-DIP pipeline against dense exact posteriors on tiny problems."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call, jacrev
+
+from dip_uq import UQResult, reconstruct_with_uncertainty
+from dip_uq.dip import UNet, UNetConfig, fit_dip
+from operators import Parallel2D, RayTransform, VolumeGeometry, uniform_angles
+from operators.noise import add_gaussian_noise
+from operators.phantoms import random_ellipses
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    g = torch.Generator().manual_seed(0)
+    x = random_ellipses(12, n_ellipses=5, generator=g, dtype=torch.float64)
+    op = RayTransform(
+        VolumeGeometry(shape=(12, 12)), Parallel2D(angles=uniform_angles(10), det_count=17)
+    )
+    y, std = add_gaussian_noise(op(x), rel=0.05, generator=g)
+    net = UNet(UNetConfig(channels=(4, 4), skip_channels=(0, 2)), generator=g).double()
+    res = fit_dip(
+        op, y, net=net, tv_weight=1e-4, iterations=150, lr=1e-2, generator=g, progress=False
+    )
+    return {"x": x, "op": op, "y": y, "std": std, "dip": res}
+
+
+def dense_posterior_cov(dip, op, noise_var, prior_var):
+    """J (JᵀAᵀAJ/σ² + I/v)⁻¹ Jᵀ from scratch: jacrev over all conv weights, A by columns."""
+    net = dip.net.eval()
+    names = [n for n, m in net.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    w = {f"{n}.weight": dict(net.named_parameters())[f"{n}.weight"].detach() for n in names}
+    rest = {k: v.detach() for k, v in net.named_parameters() if k not in w}
+
+    def f(ws):
+        return functional_call(net, {**rest, **ws}, (dip.input,)).reshape(-1)
+
+    jac = jacrev(f)(w)
+    J = torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in w], dim=1).double()
+    n = J.shape[0]
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, *dip.image.shape)
+    A = op(eye).reshape(n, -1).T  # (n_obs, n_vox)
+    AJ = A @ J
+    H = AJ.T @ AJ / noise_var + torch.eye(J.shape[1], dtype=torch.float64) / prior_var
+    return J @ torch.linalg.solve(H, J.T)
+
+
+def test_exact_pipeline_matches_dense_posterior(problem, tmp_path):
+    nv, pv = problem["std"] ** 2, 0.05
+    res = reconstruct_with_uncertainty(
+        problem["y"],
+        problem["op"],
+        dip=problem["dip"],
+        prior="normal",
+        hyper="fixed",
+        noise_var=nv,
+        prior_variance=pv,
+        solver="exact",
+        n_samples=2000,
+        sample_batch=500,
+        exact_covariance=True,
+        keep_samples=True,
+        generator=torch.Generator().manual_seed(1),
+        progress=False,
+    )
+    cov = dense_posterior_cov(problem["dip"], problem["op"], nv, pv)
+    std_ref = cov.diagonal().sqrt().reshape(12, 12)
+    # dense covariance from the engine equals the from-scratch one
+    torch.testing.assert_close(res.covariance, cov, rtol=1e-6, atol=1e-10 * float(cov.abs().max()))
+    # Monte-Carlo std within 2000-sample error (~1.6 % per pixel)
+    live = std_ref > 1e-6 * float(std_ref.max())  # saturated-sigmoid pixels have std 0
+    assert live.float().mean() > 0.5
+    rel = (res.std[live] / std_ref[live] - 1).abs()
+    assert float(rel.median()) < 0.03, float(rel.median())
+    assert float(rel.max()) < 0.12
+    torch.testing.assert_close(res.mean, problem["dip"].image)
+    # save / load round trip
+    res.save(tmp_path / "r")
+    back = UQResult.load(tmp_path / "r")
+    torch.testing.assert_close(back.std, res.std)
+    torch.testing.assert_close(back.samples, res.samples)
+    assert back.noise_var == pytest.approx(nv)
+    assert back.diagnostics["solver"] == "exact"
+
+
+@pytest.mark.parametrize(
+    "solver,opts",
+    [
+        ("cg", {}),
+        pytest.param("sgd", {"iterations": 20000, "tol": 1e-5}, marks=pytest.mark.slow),
+    ],
+)
+def test_scalable_solvers_match_exact_std(problem, solver, opts):
+    """Done-when #1 in miniature: the sgd/cg std maps agree with the exact one within 10 %
+    (median over pixels); the same generator gives the same noise, so far tighter here."""
+    kw = dict(
+        dip=problem["dip"],
+        prior="matern",
+        hyper="fixed",
+        noise_var=problem["std"] ** 2,
+        prior_variance=0.05,
+        n_samples=64,
+        sample_batch=64,
+        progress=False,
+    )
+    ref = reconstruct_with_uncertainty(
+        problem["y"],
+        problem["op"],
+        solver="exact",
+        exact_covariance=True,
+        generator=torch.Generator().manual_seed(3),
+        **kw,
+    )
+    res = reconstruct_with_uncertainty(
+        problem["y"],
+        problem["op"],
+        solver=solver,
+        solver_opts=opts,
+        generator=torch.Generator().manual_seed(3),
+        **kw,
+    )
+    exact_std = ref.covariance.diagonal().sqrt().reshape(12, 12)
+    live = exact_std > 1e-6 * float(exact_std.max())
+    assert float((res.std[live] / ref.std[live] - 1).abs().median()) < 0.02
+    assert float((res.std[live] / exact_std[live] - 1).abs().median()) < 0.10
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: the engine's EM settles at sigma^2 = 0.0216 (log evidence 14.3) while the "
+    "exact evidence maximiser has 0.0105 (29.6), even when EM starts at the maximiser",
+)
+def test_em_and_mll_agree_on_noise(problem):
+    kw = dict(dip=problem["dip"], prior="normal", n_samples=8, progress=False)
+    em = reconstruct_with_uncertainty(
+        problem["y"],
+        problem["op"],
+        hyper="em",
+        solver="exact",
+        em_cycles=60,
+        em_samples=64,
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
+    mll = reconstruct_with_uncertainty(
+        problem["y"],
+        problem["op"],
+        hyper="mll",
+        solver="exact",
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
+    # MLL really maximises the exact evidence: no worse than the EM point
+    assert (
+        float(mll.laplace.log_marginal_likelihood())
+        >= float(em.laplace.log_marginal_likelihood()) - 1e-6
+    )
+    assert math.isfinite(mll.trajectories["objective"][-1])
+    assert em.noise_var == pytest.approx(mll.noise_var, rel=0.10)
+    assert em.trajectories["noise_var"][-1] == pytest.approx(em.noise_var)
+    assert len(em.trajectories["noise_var"]) == 60
+    assert math.isfinite(mll.trajectories["objective"][-1])
+
+
+def test_errors_are_named(problem):
+    op, y = problem["op"], problem["y"]
+    with pytest.raises(ValueError, match="sinogram/operator mismatch"):
+        reconstruct_with_uncertainty(y[:5], op, dip=problem["dip"], progress=False)
+    bad = y.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        reconstruct_with_uncertainty(bad, op, dip=problem["dip"], progress=False)
+    with pytest.raises(ValueError, match="hyper mode"):
+        reconstruct_with_uncertainty(y, op, dip=problem["dip"], hyper="bogus", progress=False)
+    with pytest.raises(ValueError, match="network output shape"):
+        wrong = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
+        reconstruct_with_uncertainty(y, op, dip=problem["dip"].net, net_input=wrong, progress=False)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        reconstruct_with_uncertainty(
+            y,
+            op,
+            dip=problem["dip"],
+            hyper="fixed",
+            solver="sgd",
+            n_samples=2,
+            solver_opts={"lr": 1e6, "iterations": 50},
+            progress=False,
+        )
+
+
+def test_resume_from_stage_checkpoints(problem, tmp_path):
+    kw = dict(
+        dip=problem["dip"],
+        prior="normal",
+        hyper="em",
+        em_cycles=3,
+        em_samples=8,
+        solver="exact",
+        n_samples=16,
+        sample_batch=8,
+        progress=False,
+        checkpoint_dir=tmp_path,
+    )
+    a = reconstruct_with_uncertainty(
+        problem["y"], problem["op"], generator=torch.Generator().manual_seed(5), **kw
+    )
+    assert (tmp_path / "hyper.pt").exists() and (tmp_path / "samples.pt").exists()
+    # a rerun finds every stage done: same hyperparameters and the same map, no new work
+    b = reconstruct_with_uncertainty(
+        problem["y"], problem["op"], generator=torch.Generator().manual_seed(99), **kw
+    )
+    assert b.noise_var == a.noise_var
+    torch.testing.assert_close(b.std, a.std)
