@@ -35,12 +35,17 @@ class TorchJoseph:
         geometry: ProjectionGeometry,
         *,
         chunk_bytes: int = 96 * 2**20,
-        grid_cache_bytes: int = 384 * 2**20,
+        grid_cache_bytes: int | None = None,
         gather_adjoint: bool = True,
     ) -> None:
         self.volume = volume
         self.geometry = geometry
         self.chunk_bytes = int(chunk_bytes)
+        # Cached sampling grids trade memory for speed in training loops. 2D grids are small
+        # relative to the work they save; in 3D the default keeps peak memory near
+        # volume + sinogram + one chunk, caching only small problems.
+        if grid_cache_bytes is None:
+            grid_cache_bytes = (384 if geometry.ndim == 2 else 128) * 2**20
         self.grid_cache_bytes = int(grid_cache_bytes)
         vec = geometry.to_vec()
         if geometry.ndim == 2:
