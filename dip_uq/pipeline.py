@@ -166,7 +166,7 @@ def exact_image_covariance(la: LinearisedLaplace) -> torch.Tensor:
     return functional_covariance(system, J, dense_factors(system))
 
 
-def _resolve_dip(y, operator, dip, net_input, generator, progress, ckpt: Path | None):
+def _resolve_dip(y, operator, dip, net_input, generator, progress, ckpt: Path | None, resume=True):
     """Returns (net, z0, image, dip_info)."""
     from .dip import DIPResult, fit_dip, initial_input
 
@@ -185,7 +185,7 @@ def _resolve_dip(y, operator, dip, net_input, generator, progress, ckpt: Path | 
     t0 = time.perf_counter()
     kw = {}
     if ckpt is not None:
-        kw = {"checkpoint_dir": ckpt / "dip", "resume": True}
+        kw = {"checkpoint_dir": ckpt / "dip", "resume": resume}
     res = fit_dip(operator, y, generator=generator, progress=progress, **kw, **opts)
     info = {
         "source": "fit_dip",
@@ -304,6 +304,7 @@ def reconstruct_with_uncertainty(
     keep_samples: bool = False,
     exact_covariance: bool = False,
     checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
     generator: torch.Generator | None = None,
     progress: bool = True,
 ) -> UQResult:
@@ -336,6 +337,8 @@ def reconstruct_with_uncertainty(
             (needed for patch log-likelihoods with p > 1).
         exact_covariance: also store the dense image covariance (small images only).
         checkpoint_dir: stage checkpoints; a rerun resumes from the last completed stage.
+        resume: with ``checkpoint_dir``, reuse completed stages (False: start afresh and
+            overwrite them).
         generator: seeds DIP initialisation, solver noise and samples.
         progress: tqdm progress bars.
 
@@ -359,7 +362,9 @@ def reconstruct_with_uncertainty(
 
     # 1. DIP
     t0 = time.perf_counter()
-    net, z0, image, dip_info = _resolve_dip(y, operator, dip, net_input, generator, progress, ckpt)
+    net, z0, image, dip_info = _resolve_dip(
+        y, operator, dip, net_input, generator, progress, ckpt, resume
+    )
     timings["dip"] = time.perf_counter() - t0
     net = net.to(device=y.device, dtype=y.dtype)
     z0 = z0.to(device=y.device, dtype=y.dtype)
@@ -396,7 +401,7 @@ def reconstruct_with_uncertainty(
 
     # 4. hyperparameters (resumable)
     hyper_path = ckpt / "hyper.pt" if ckpt is not None else None
-    if hyper_path is not None and hyper_path.exists():
+    if resume and hyper_path is not None and hyper_path.exists():
         st = load_checkpoint(hyper_path)
         _load_hyper_state(la, st["hyper"])
         traj = st["trajectories"]
@@ -421,7 +426,7 @@ def reconstruct_with_uncertainty(
     t0 = time.perf_counter()
     acc, kept, sample_diag, done = Welford(), [], [], 0
     samp_path = ckpt / "samples.pt" if ckpt is not None else None
-    if samp_path is not None and samp_path.exists():
+    if resume and samp_path is not None and samp_path.exists():
         st = load_checkpoint(samp_path)
         acc.load_state_dict(st["welford"])
         kept, sample_diag, done = list(st["kept"]), list(st["diag"]), int(st["done"])

@@ -80,6 +80,56 @@ class UQResult:
         atomic_write_text(json.dumps(meta, indent=2), d / "result.json")
         return d
 
+    def write_outputs(
+        self,
+        directory: str | os.PathLike,
+        *,
+        ground_truth: Any = None,
+        spacing: Any = None,
+        delta: float = 0.0,
+        title: str | None = None,
+    ) -> dict[str, Any]:
+        """User-facing files in ``directory``: ``reconstruction.{npz,tif}``,
+        ``std.{npz,tif}`` (plus ``.nii.gz`` in 3D when nibabel is installed), the saved result
+        (``result/``), a PNG panel ``uncertainty.png`` (reconstruction, std; |error| and a
+        calibration curve with a ground truth; central slices in 3D) and ``metrics.json``
+        (with a ground truth, :func:`dip_uq.metrics.evaluate_uq` with ``delta``). All atomic.
+        Returns ``{"files": [...], "metrics": dict | None}``."""
+        from .dip.checkpoint import atomic_write_text
+        from .io import write_volume
+        from .plotting import save_panel
+
+        d = Path(directory).expanduser()
+        d.mkdir(parents=True, exist_ok=True)
+        mean = self.mean.detach().cpu().numpy()
+        std = self.std.detach().cpu().numpy()
+        files = []
+        for name, arr in (("reconstruction", mean), ("std", std)):
+            files.append(write_volume(d / f"{name}.npz", arr, spacing=spacing))
+            files.append(write_volume(d / f"{name}.tif", arr, spacing=spacing))
+            if arr.ndim == 3:
+                try:
+                    import nibabel  # noqa: F401
+
+                    files.append(write_volume(d / f"{name}.nii.gz", arr, spacing=spacing))
+                except ImportError:
+                    pass
+        files.append(self.save(d / "result"))
+        images = {"reconstruction": mean, "std": std}
+        metrics, calib = None, None
+        if ground_truth is not None:
+            from .metrics import evaluate_uq
+
+            gt = torch.as_tensor(ground_truth).detach().cpu()
+            metrics = evaluate_uq(self, gt, delta=delta)
+            images["|error|"] = np.abs(gt.numpy() - mean)
+            calib = (metrics["calibration"]["expected"], metrics["calibration"]["observed"])
+            files.append(
+                atomic_write_text(json.dumps(_jsonable(metrics), indent=2), d / "metrics.json")
+            )
+        files.append(save_panel(d / "uncertainty.png", images, calibration=calib, title=title))
+        return {"files": files, "metrics": metrics}
+
     @classmethod
     def load(cls, directory: str | os.PathLike) -> UQResult:
         """Read a result written by :meth:`save`."""
