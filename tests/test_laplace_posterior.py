@@ -225,7 +225,9 @@ def test_accepts_a_ray_transform_operator():
     z0 = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = op(model(z0)).detach()
     assert y.shape[:2] == (1, 1)
-    la = LinearisedLaplace(model, Gaussian(0.5, op), z0, y, params="conv_weights", prior_variance=0.1)
+    la = LinearisedLaplace(
+        model, Gaussian(0.5, op), z0, y, params="conv_weights", prior_variance=0.1
+    )
     g = torch.Generator().manual_seed(1)
     noise = draw_noise(la.system(), 4, g)
     ref = la.sample(4, "exact", noise=noise).samples

@@ -158,3 +158,14 @@ def test_functional_variance_streams_and_matches_exact():
     assert var.shape == (1, 1, 12, 12)
     rel = (var.reshape(-1) - exact).abs() / exact
     assert float(rel.median()) < 2 * math.sqrt(2 / 512)
+
+
+def test_sgd_reports_decreasing_objective_and_divergence_is_an_error():
+    la = _problem("blr")
+    res = la.sample(4, "sgd", torch.Generator().manual_seed(0), iterations=400, tol=1e-8)
+    obj = res.state["objective"]
+    assert len(obj) == len(res.trace) and obj[-1] < obj[0]
+    with pytest.raises(FloatingPointError, match="diverged"):
+        la.sample(2, "sgd", torch.Generator().manual_seed(0), lr=10.0, iterations=2000)
+    with pytest.raises(FloatingPointError, match="diverged"):
+        la.sample(2, "sdd", torch.Generator().manual_seed(0), lr=10.0, iterations=2000)

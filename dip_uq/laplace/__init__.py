@@ -3,6 +3,19 @@
 Knows nothing about CT or U-Nets: it takes a torch model, a parameter selection, an
 observation model (Gaussian with an optional linear operator, or categorical) and a
 block-diagonal prior, and works only through Jacobian-vector products.
+
+Typical use (the DIP: one fixed input ``z0``, image ``net(z0)`` of shape (1, 1, H, W), a
+matched operator ``A`` with ``A(x)``/``A.T(y)``, measurements ``y`` of shape ``A(net(z0))``)::
+
+    la = LinearisedLaplace(net, Gaussian(noise_var, operator=A), z0, y,
+                           params="conv_weights", blocks=lambda name: name.split(".")[0],
+                           prior="matern")
+    history = la.fit_hyperparameters(n_cycles=10, n_samples=64, solver="sgd")
+    std_map = la.functional_variance(n_samples=256, solver="sgd").sqrt()   # (1, 1, H, W)
+
+Solvers: ``exact`` (dense, small), ``cg`` and ``sdd`` (observation space, need a matched
+adjoint), ``sgd`` (primal sample-then-optimise). All share one noise convention, so the same
+:class:`Noise` gives the same samples from every solver.
 """
 
 from .jacobian import FunctionalModel

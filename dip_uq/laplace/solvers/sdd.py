@@ -8,6 +8,8 @@ incrementally, so each step costs one JVP and one VJP on the minibatch only.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .system import LinearSystem, Noise, SolverResult, draw_noise
@@ -80,6 +82,10 @@ def sample_sdd(
             s_avg = r_avg * s_alpha + (1 - r_avg) * s_avg
             if it % check_every == 0:
                 res = float(((system.G(s_avg) + avg - c).norm(dim=1) / cnorm).mean())
+                if not math.isfinite(res):
+                    raise FloatingPointError(
+                        f"SDD diverged at iteration {it} (lr={lr:.3g}): pass a smaller lr"
+                    )
                 trace.append(res)
                 if res < tol:
                     break

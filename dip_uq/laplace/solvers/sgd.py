@@ -10,6 +10,8 @@ the curvature scaling). Nesterov momentum, optional Polyak averaging, warm start
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .system import LinearSystem, Noise, SolverResult, draw_noise
@@ -62,6 +64,7 @@ def sample_sgd(
         vel = torch.zeros_like(u)
         avg, n_avg = torch.zeros_like(u), 0
         trace: list[float] = []
+        objective: list[float] = []
         it = 0
         for it in range(1, iterations + 1):
             idx = None
@@ -79,10 +82,18 @@ def sample_sgd(
             if it % check_every == 0:
                 gr = g if full else system.primal_mv(look) - b
                 res = float((gr.norm(dim=1) / bnorm).mean())
+                if not math.isfinite(res):
+                    raise FloatingPointError(
+                        f"SGD diverged at iteration {it} (lr={lr:.3g}): pass a smaller lr"
+                    )
                 trace.append(res)
+                # objective ½uᵀPu − bᵀu = ½uᵀ(∇ − b), mean over samples (its gap shrinks to 0)
+                objective.append(float((0.5 * (look * (gr - b)).sum(1)).mean()))
                 if res < tol and not polyak:
                     break
         out = avg if (polyak and n_avg > 0) else u
         final = float(((system.primal_mv(out) - b).norm(dim=1) / bnorm).mean())
         theta = system.prior.sqrt_mv(out)
-    return SolverResult(theta, it, trace, final < 10 * tol, final, {"u": out, "lr": lr})
+    return SolverResult(
+        theta, it, trace, final < 10 * tol, final, {"u": out, "lr": lr, "objective": objective}
+    )
