@@ -84,7 +84,7 @@ def sample_sdd(
                 res = float(((system.G(s_avg) + avg - c).norm(dim=1) / cnorm).mean())
                 if not math.isfinite(res):
                     raise FloatingPointError(
-                        f"SDD diverged at iteration {it} (lr={lr:.3g}): pass a smaller lr"
+                        f"SDD diverged: non-finite residual at iteration {it} (lr={lr:.3g}); pass a smaller lr"
                     )
                 trace.append(res)
                 if res < tol:

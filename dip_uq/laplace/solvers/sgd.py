@@ -84,7 +84,7 @@ def sample_sgd(
                 res = float((gr.norm(dim=1) / bnorm).mean())
                 if not math.isfinite(res):
                     raise FloatingPointError(
-                        f"SGD diverged at iteration {it} (lr={lr:.3g}): pass a smaller lr"
+                        f"SGD diverged: non-finite residual at iteration {it} (lr={lr:.3g}); pass a smaller lr"
                     )
                 trace.append(res)
                 # objective ½uᵀPu − bᵀu = ½uᵀ(∇ − b), mean over samples (its gap shrinks to 0)
