@@ -261,6 +261,24 @@ def _fit_hyper(la, hyper, *, em_cycles, em_samples, em_solver, solver_opts, gene
     return maximise_type2(la, tv=tv if hyper == "tv-map" else None, tied=tied)
 
 
+def _with_precond_fallback(call, solver: str, opts: dict):
+    """Run ``call(opts)``; when the CG Nyström preconditioner's Cholesky fails (float32
+    round-off on nearly rank-deficient kernels), warn and rerun without the preconditioner."""
+    try:
+        return call(opts)
+    except torch.linalg.LinAlgError as err:
+        if solver != "cg" or opts.get("precond_rank", 200) == 0:
+            raise
+        warnings.warn(
+            f"cg: the Nyström preconditioner failed ({err}); continuing without it "
+            "(precond_rank=0)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        opts.update(precond_rank=0)
+        return call(opts)
+
+
 def _guarded(stage: str, fn):
     """Turn the engine's NaN complaints (from operator checks or Cholesky) into one named
     FloatingPointError for the stage."""
@@ -406,17 +424,23 @@ def reconstruct_with_uncertainty(
         _load_hyper_state(la, st["hyper"])
         traj = st["trajectories"]
     else:
-        traj = _guarded("hyperparameter", _fit_hyper)(
-            la,
-            hyper,
-            em_cycles=em_cycles,
-            em_samples=em_samples,
-            em_solver=em_solver,
-            solver_opts=solver_opts,
-            generator=generator,
-            tv=tv,
-            tied=tied,
-        )
+        state0 = _hyper_state(la)
+
+        def run_hyper(o):
+            _load_hyper_state(la, state0)  # a retry starts from the same point
+            return _guarded("hyperparameter", _fit_hyper)(
+                la,
+                hyper,
+                em_cycles=em_cycles,
+                em_samples=em_samples,
+                em_solver=em_solver,
+                solver_opts=o,
+                generator=generator,
+                tv=tv,
+                tied=tied,
+            )
+
+        traj = _with_precond_fallback(run_hyper, em_solver, solver_opts)
         if hyper_path is not None:
             atomic_save({"hyper": _hyper_state(la), "trajectories": traj}, hyper_path)
     _finite_or_raise("hyperparameter", la.prior.variances(), la.likelihood.noise_var)
@@ -440,7 +464,9 @@ def reconstruct_with_uncertainty(
         while done < n_samples:
             k = min(int(sample_batch), int(n_samples) - done)
             try:
-                res = la.sample(k, solver, generator, **opts)
+                res = _with_precond_fallback(
+                    lambda o, k=k: la.sample(k, solver, generator, **o), solver, opts
+                )
             except (ValueError, torch.linalg.LinAlgError) as err:
                 if "NaN" in str(err) or "nan" in str(err) or "infinite" in str(err):
                     raise FloatingPointError(
