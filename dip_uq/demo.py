@@ -150,14 +150,14 @@ def _uncertainty(out: Path, op, y, x, res, quick: bool, g, progress: bool):
     """Linearised DIP on the demo's DIP fit; writes the maps, panel and metrics.json."""
     from .pipeline import reconstruct_with_uncertainty
 
-    opts = {"tol": 1e-3, "max_iter": 8 if quick else 60, "precond_rank": 8 if quick else 50}
+    opts = {"tol": 1e-3, "max_iter": 8 if quick else 40, "precond_rank": 8 if quick else 50}
     uq = reconstruct_with_uncertainty(
         y,
         op,
         dip=res,
         hyper="em",
         solver="cg",
-        em_cycles=1 if quick else 6,
+        em_cycles=1 if quick else 4,
         em_samples=4 if quick else 8,
         n_samples=4 if quick else 32,
         sample_batch=16,

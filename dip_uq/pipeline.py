@@ -225,7 +225,9 @@ def _load_hyper_state(la: LinearisedLaplace, st: dict) -> None:
     la.prior.set_scale(st.get("scale"))
 
 
-def _fit_hyper(la, hyper, *, em_cycles, em_samples, em_solver, solver_opts, generator, tv, tied):
+def _fit_hyper(
+    la, hyper, *, em_cycles, em_samples, em_solver, solver_opts, generator, tv, tied, estimator
+):
     """Runs the hyperparameter stage in place; returns its trajectories."""
     if hyper == "fixed":
         return {}
@@ -237,6 +239,7 @@ def _fit_hyper(la, hyper, *, em_cycles, em_samples, em_solver, solver_opts, gene
             generator=generator,
             solver_opts=solver_opts,
             tied_cycles=em_cycles if tied else None,
+            estimator=estimator,
         )
         traj = {
             "noise_var": list(hist.noise_var),
@@ -312,6 +315,7 @@ def reconstruct_with_uncertainty(
     em_samples: int = 32,
     em_solver: str | None = None,
     tied: bool = True,
+    em_estimator: str = "function",
     solver_opts: dict | None = None,
     noise_var: float | None = None,
     prior_variance: float = 1.0,
@@ -345,6 +349,11 @@ def reconstruct_with_uncertainty(
         em_cycles, em_samples, em_solver: EM settings (``em_solver`` defaults to ``solver``).
         tied: EM keeps one prior variance shared by all blocks (default: per-block EM with
             few observations drifted to degenerate block variances and NaNs).
+        em_estimator: effective-dimension estimator of EM: ``"function"`` (default),
+            ``"weight"`` or ``"exact"`` (with ``em_solver="exact"``). The function estimator
+            needs enough samples: the engine clips each block's γ_b at 0 before summing, which
+            biases γ upwards with few samples (64 samples doubled σ² on a 12×12 test problem,
+            256 were within 8 % of the evidence maximiser).
         solver_opts: options passed to the solver (e.g. ``{"iterations": 3000}`` for sgd).
         noise_var: initial σ_y²; default the DIP's residual ‖y − A x*‖²/d_y.
         prior_variance, lengthscale: initial σ_b², ℓ_b.
@@ -438,6 +447,7 @@ def reconstruct_with_uncertainty(
                 generator=generator,
                 tv=tv,
                 tied=tied,
+                estimator=em_estimator,
             )
 
         traj = _with_precond_fallback(run_hyper, em_solver, solver_opts)
