@@ -10,6 +10,8 @@ import torch
 
 from dip_uq import UQResult
 from dip_uq.cli import main
+from dip_uq.dip import UNet, UNetConfig
+from dip_uq.dip.pretrain import save_pretrained
 from dip_uq.geometry_file import write_geometry_file
 from operators import Parallel2D, RayTransform, VolumeGeometry, uniform_angles
 from operators.noise import add_gaussian_noise
@@ -27,6 +29,10 @@ def _scan(tmp_path):
     write_geometry_file(tmp_path / "g.json", vol, geo)
     np.save(tmp_path / "y.npy", y.numpy())
     np.save(tmp_path / "x.npy", x.numpy())
+    # a tiny U-Net keeps the exact solver cheap (the CLI takes any saved dip_uq U-Net)
+    save_pretrained(
+        UNet(UNetConfig(channels=(4, 4), skip_channels=(0, 2)), generator=g), tmp_path / "tiny.pt"
+    )
     return tmp_path / "y.npy", tmp_path / "g.json", tmp_path / "x.npy"
 
 
@@ -48,6 +54,10 @@ def test_uncertainty_command(tmp_path, capsys):
         "2",
         "--em-samples",
         "4",
+        "--solver",
+        "exact",
+        "--net",
+        str(tmp_path / "tiny.pt"),
         "--n-samples",
         "8",
         "--ground-truth",
