@@ -1,0 +1,287 @@
+"""Linearised Laplace for general networks: ours (streamed EM) vs laplace-torch, side by side.
+
+1. Digits (MLP, classification) and diabetes (MLP, regression): one MAP network each, shared by
+   both sides; test NLL / ECE / accuracy (classification) or NLL / RMSE (regression) and wall
+   time. laplace-torch: full and KFAC GGN, prior precision by ``marglik``, GLM predictive
+   (probit). Ours: ``Laplace(..., prior="scalar")`` + EM (which also fits σ for regression).
+2. Scaling: a ResNet-18-shaped network with BatchNorm on 32×32 synthetic images, growing
+   numbers of data points and classes: time per EM cycle and peak resident memory (each
+   configuration in a fresh process), and what laplace-torch does on the same network.
+
+laplace-torch is optional: give its interpreter with ``--laplace-python`` (a separate venv; it is
+never a dependency of dip-uq). Without it only our side runs.
+
+    python benchmarks/general.py --quick
+    python benchmarks/general.py --laplace-python /tmp/benchvenv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+# ---------------------------------------------------------------------------- workers
+def _data(task: str, n_train=None):
+    from dip_uq.examples import diabetes_loaders, digits_loaders
+
+    if task == "digits":
+        return digits_loaders(128, n_train=n_train)
+    return diabetes_loaders(64)
+
+
+def _make(task: str, classes: int = 10, width: int = 8):
+    from dip_uq.examples import MLP, ResNet18ish
+
+    if task == "digits":
+        return MLP(64, 10, (50,))
+    if task == "diabetes":
+        return MLP(10, 1, (50,))
+    return ResNet18ish(classes, width)
+
+
+def _scores(task, pred, yt):
+    from dip_uq import metrics
+
+    if task == "diabetes":
+        mean, var = pred
+        return {
+            "nll": metrics.gaussian_nll(yt, mean, var),
+            "rmse": metrics.rmse(yt, mean),
+            "cov90": metrics.coverage(yt, mean, var.sqrt(), levels=(0.9,))[0.9],
+        }
+    return {
+        "nll": metrics.classification_nll(pred, yt),
+        "ece": metrics.expected_calibration_error(pred, yt),
+        "acc": metrics.accuracy(pred, yt),
+    }
+
+
+def worker_ours(cfg: dict) -> dict:
+    from torch.utils.data import DataLoader
+
+    from dip_uq.examples import synthetic_images
+    from dip_uq.laplace.front import Laplace
+
+    torch.set_num_threads(cfg.get("threads", 1))
+    if cfg["task"] == "resnet":
+        net = _make("resnet", cfg["classes"], cfg["width"]).eval()
+        loader = DataLoader(synthetic_images(cfg["n"], cfg["classes"]), batch_size=32)
+        la = Laplace(
+            net,
+            "classification",
+            n_samples=cfg["k"],
+            newton_steps=1,
+            solver_opts={"max_iter": cfg["cg_iter"], "tol": 1e-9},
+        )
+        t0 = time.perf_counter()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fixed CG budget on purpose
+            la.fit(loader, solve=False)
+            t1 = time.perf_counter()
+            la._solve_all()
+            la.optimize_prior_precision("em", n_steps=cfg["em"])
+        t2 = time.perf_counter()
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {
+            "fit_s": t1 - t0,
+            "em_cycle_s": (t2 - t1) / (cfg["em"] + 1),
+            "peak_rss_mb": rss,
+            "d": la.d,
+        }
+    net = _make(cfg["task"])
+    net.load_state_dict(torch.load(cfg["weights"], weights_only=True))
+    net.eval()
+    _, trfit, (xt, yt) = _data(cfg["task"], cfg.get("n_train"))
+    kind = "regression" if cfg["task"] == "diabetes" else "classification"
+    t0 = time.perf_counter()
+    la = Laplace(
+        net, kind, prior="scalar", n_samples=cfg["k"], generator=torch.Generator().manual_seed(0)
+    )
+    la.fit(trfit)
+    la.optimize_prior_precision("em", n_steps=cfg["em"])
+    pred = la(xt, link_approx="probit")
+    wall = time.perf_counter() - t0
+    if kind == "regression":
+        pred = (pred[0], pred[1] + la.sigma_noise**2)
+    out = _scores(cfg["task"], pred, yt)
+    out.update(wall_s=wall, prior_precision=la.prior_precision.tolist(), sigma=la.sigma_noise)
+    return out
+
+
+def worker_laplace_torch(cfg: dict) -> dict:
+    from laplace import Laplace as LT
+
+    torch.set_num_threads(cfg.get("threads", 1))
+    res = {}
+    if cfg["task"] == "resnet":
+        from torch.utils.data import DataLoader
+
+        from dip_uq.examples import synthetic_images
+
+        net = _make("resnet", cfg["classes"], cfg["width"]).eval()
+        loader = DataLoader(synthetic_images(cfg["n"], cfg["classes"]), batch_size=32)
+        for hs in ("kron", "full"):
+            t0 = time.perf_counter()
+            try:
+                la = LT(net, "classification", subset_of_weights="all", hessian_structure=hs)
+                la.fit(loader)
+                la.optimize_prior_precision(method="marglik", n_steps=cfg["em"])
+                res[hs] = {"wall_s": time.perf_counter() - t0}
+            except Exception as err:  # noqa: BLE001  report any failure by name
+                res[hs] = {"error": f"{type(err).__name__}: {str(err)[:160]}"}
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return res
+    net = _make(cfg["task"])
+    net.load_state_dict(torch.load(cfg["weights"], weights_only=True))
+    net.eval()
+    _, trfit, (xt, yt) = _data(cfg["task"], cfg.get("n_train"))
+    kind = "regression" if cfg["task"] == "diabetes" else "classification"
+    for hs in ("full", "kron"):
+        t0 = time.perf_counter()
+        try:
+            la = LT(net, kind, subset_of_weights="all", hessian_structure=hs)
+            la.fit(trfit)
+            la.optimize_prior_precision(method="marglik")
+            if kind == "regression":
+                f_mu, f_var = la(xt, pred_type="glm")
+                pred = (
+                    f_mu.detach(),
+                    f_var.detach().reshape(f_mu.shape) + la.sigma_noise.item() ** 2,
+                )
+            else:
+                pred = la(xt, pred_type="glm", link_approx="probit").detach()
+            res[hs] = _scores(cfg["task"], pred, yt)
+            res[hs]["wall_s"] = time.perf_counter() - t0
+        except Exception as err:  # noqa: BLE001
+            res[hs] = {"error": f"{type(err).__name__}: {str(err)[:160]}"}
+    return res
+
+
+# ---------------------------------------------------------------------------- driver
+def _run(python: str, role: str, cfg: dict, timeout: float) -> dict:
+    cmd = [python, __file__, "--worker", role, "--config", json.dumps(cfg)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["?"]
+        kind = (
+            "killed (out of memory?)" if out.returncode in (-9, 137) else f"exit {out.returncode}"
+        )
+        return {"error": f"{kind}: {tail[0][:200]}"}
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _has_laplace(python: str | None) -> bool:
+    if not python:
+        return False
+    r = subprocess.run([python, "-c", "import laplace"], capture_output=True)
+    return r.returncode == 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="small sizes (minutes)")
+    ap.add_argument("--laplace-python", default=None, help="interpreter with laplace-torch")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        cfg = json.loads(args.config)
+        fn = worker_ours if args.worker == "ours" else worker_laplace_torch
+        print("RESULT " + json.dumps(fn(cfg)), flush=True)
+        return
+
+    lt = args.laplace_python if _has_laplace(args.laplace_python) else None
+    if lt is None:
+        print("laplace-torch not available (pass --laplace-python): running our side only")
+    from dip_uq.examples import train
+
+    em = 4 if args.quick else 8
+    k = 16 if args.quick else 64
+    with tempfile.TemporaryDirectory() as tmp:
+        print("\n== digits (MLP 64-50-10) and diabetes (MLP 10-50-1): test scores ==")
+        for task in ("digits", "diabetes"):
+            torch.manual_seed(0)
+            tr, _, (xt, yt) = _data(task)
+            net = train(
+                _make(task),
+                tr,
+                "ce" if task == "digits" else "mse",
+                epochs=60 if task == "digits" else 200,
+                lr=1e-2 if task == "digits" else 1e-3,
+            )
+            weights = os.path.join(tmp, f"{task}.pt")
+            torch.save(net.state_dict(), weights)
+            with torch.no_grad():
+                f = net(xt)
+            if task == "digits":
+                map_s = _scores(task, torch.softmax(f, -1), yt)
+            else:
+                resid = float(((f - yt) ** 2).mean())  # MAP with its test-optimal σ (optimistic)
+                map_s = _scores(task, (f, torch.full_like(f, resid)), yt)
+            print(f"{task:9s} MAP            {json.dumps(_round(map_s))}")
+            cfg = {"task": task, "weights": weights, "k": k, "em": em}
+            print(
+                f"{task:9s} ours (EM)      {json.dumps(_round(_run(sys.executable, 'ours', cfg, args.timeout)))}"
+            )
+            if lt:
+                res = _run(lt, "lt", cfg, args.timeout)
+                for hs in ("full", "kron"):
+                    print(f"{task:9s} l-torch {hs:6s} {json.dumps(_round(res.get(hs, res)))}")
+
+        print("\n== scaling: ResNet-18-shaped (BatchNorm) on 32x32 synthetic images ==")
+        width = 4 if args.quick else 16
+        sizes = (
+            [(64, 10), (256, 10), (256, 100)]
+            if args.quick
+            else [(256, 10), (1024, 10), (1024, 100), (1024, 1000)]
+        )
+        for n, c in sizes:
+            cfg = {
+                "task": "resnet",
+                "n": n,
+                "classes": c,
+                "width": width,
+                "k": 8 if args.quick else 16,
+                "em": 2,
+                "cg_iter": 5 if args.quick else 10,
+            }
+            ours = _run(sys.executable, "ours", cfg, args.timeout)
+            print(f"n={n:5d} C={c:4d} ours: {json.dumps(_round(ours))}")
+            if lt:
+                print(
+                    f"n={n:5d} C={c:4d} l-torch: {json.dumps(_round(_run(lt, 'lt', cfg, args.timeout)))}"
+                )
+
+
+def _round(d):
+    if isinstance(d, dict):
+        return {k: _round(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_round(v) for v in d]
+    return round(d, 4) if isinstance(d, float) else d
+
+
+if __name__ == "__main__":
+    main()
