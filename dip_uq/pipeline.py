@@ -12,7 +12,7 @@
    ``"em"`` sample-based EM (scalable default; θ_lin = mode of the affine tangent model with
    the prior, see :mod:`dip_uq.laplace.posterior`), ``"mll"`` exact type-II maximum
    likelihood (dense, small d_y), ``"tv-map"`` type-II MAP with the TV-PredCP hyperprior
-   (dense, small d_y), ``"fixed"`` (keep the initial values);
+   on the Matérn lengthscales (dense, small d_y), ``"fixed"`` (keep the initial values);
 5. zero-mean posterior samples z_k ~ N(0, H⁻¹) by ``solver`` (``exact``, ``cg``, ``sgd``,
    ``sdd``) and the streamed voxelwise variance mean_k (J z_k)² (Welford).
 
@@ -261,7 +261,7 @@ def _fit_hyper(
         return traj
     from .tv_predcp import maximise_type2
 
-    return maximise_type2(la, tv=tv if hyper == "tv-map" else None, tied=tied)
+    return maximise_type2(la, tv=tv if hyper == "tv-map" else None, tied=tied, generator=generator)
 
 
 def _with_precond_fallback(call, solver: str, opts: dict):
