@@ -3,7 +3,7 @@
 28×28 images, parallel beam on [−14, 14]² with 41 bins (``kmnist_operator``), {5, 10, 20, 30}
 angles, {5, 10} % noise (std = rel · mean|Ax|), DIP settings of methods §5 (γ, iterations per
 setting; ``--iter-scale`` shrinks the budgets for CPU runs). Per image: one DIP fit, then
-linearised DIP with EM and with exact MLL (TV-MAP is not implemented yet), and the baselines
+linearised DIP with EM, exact MLL and TV-MAP (the dense ones use exact covariances), and the baselines
 DIP σ²=1, DIP with the learned σ² (both N(x*, δI)) and DIP-MCDO (its own dropout DIP fit).
 Reports mean ± stderr over images of the exact and patch (p = 1, 2, 10) test
 log-likelihoods (with δ = σ_y² mean diag((AᵀA)⁺), the true σ_y²), PSNR and 90 % coverage,
@@ -47,7 +47,14 @@ DIP_SETTINGS = {
     (0.10, 20): (3e-4, 17000),
     (0.10, 30): (3e-4, 22000),
 }
-METHODS = ("lin-DIP EM", "lin-DIP MLL", "DIP sigma2=1", "DIP learned sigma2", "DIP-MCDO")
+METHODS = (
+    "lin-DIP EM",
+    "lin-DIP MLL",
+    "lin-DIP TV-MAP",
+    "DIP sigma2=1",
+    "DIP learned sigma2",
+    "DIP-MCDO",
+)
 
 
 def test_images(n: int, seed: int = 0) -> torch.Tensor:
@@ -64,11 +71,19 @@ def run_image(x, n_angles, noise, args, seed):
     its = max(50, int(its * args.iter_scale))
     delta = backprojected_noise_delta(op, std**2)
     t0 = time.perf_counter()
-    dip = fit_dip(op, y, tv_weight=gamma, iterations=its, lr=args.lr, generator=g, progress=False)
+    net = None
+    if args.channels:
+        from dip_uq.dip import UNet, UNetConfig
+
+        c = args.channels
+        net = UNet(UNetConfig(channels=(c, c, c), skip_channels=(0, 4, 4)), generator=g)
+    dip = fit_dip(
+        op, y, net=net, tv_weight=gamma, iterations=its, lr=args.lr, generator=g, progress=False
+    )
     t_dip = time.perf_counter() - t0
     out, times = {}, {"DIP": t_dip}
     common = dict(dip=dip, solver="cg", n_samples=args.n_samples, keep_samples=True, progress=False)
-    for name, hyper in (("lin-DIP EM", "em"), ("lin-DIP MLL", "mll")):
+    for name, hyper in (("lin-DIP EM", "em"), ("lin-DIP MLL", "mll"), ("lin-DIP TV-MAP", "tv-map")):
         if name not in args.methods:
             continue
         t0 = time.perf_counter()
@@ -97,6 +112,7 @@ def run_image(x, n_angles, noise, args, seed):
         mc = dip_mcdo(
             y,
             op,
+            net_overrides={"channels": (args.channels,) * 3} if args.channels else None,
             tv_weight=gamma,
             iterations=its,
             lr=args.lr,
@@ -134,7 +150,7 @@ def summarise(rows: list[dict]) -> dict:
         }
     summary["seconds"] = {
         k: ms([r["seconds"][k] for r in rows if k in r["seconds"]])
-        for k in ("DIP", "lin-DIP EM", "lin-DIP MLL", "DIP-MCDO")
+        for k in ("DIP", "lin-DIP EM", "lin-DIP MLL", "lin-DIP TV-MAP", "DIP-MCDO")
     }
     return summary
 
@@ -164,7 +180,10 @@ def table(results: dict) -> str:
         t = s["seconds"]
         lines.append(
             f"| {setting} | "
-            + " | ".join(fmt(t.get(k)) for k in ("DIP", "lin-DIP EM", "lin-DIP MLL", "DIP-MCDO"))
+            + " | ".join(
+                fmt(t.get(k))
+                for k in ("DIP", "lin-DIP EM", "lin-DIP MLL", "lin-DIP TV-MAP", "DIP-MCDO")
+            )
             + " |"
         )
     return "\n".join(lines) + "\n"
@@ -178,6 +197,9 @@ def main(argv=None) -> int:
     p.add_argument("--noise", type=float, nargs="+", default=[0.05, 0.10])
     p.add_argument("--iter-scale", type=float, default=1.0, help="scale the DIP budgets")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument(
+        "--channels", type=int, default=0, help="U-Net channels (0: the small preset, 32)"
+    )
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--em-cycles", type=int, default=8)
     p.add_argument("--em-samples", type=int, default=16)

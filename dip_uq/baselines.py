@@ -56,19 +56,23 @@ def dip_mcdo(
     dropout: float = 0.05,
     n_samples: int = 128,
     net: str = "small",
+    net_overrides: dict | None = None,
     lr: float = 1e-4,
     generator: torch.Generator | None = None,
     progress: bool = True,
     **fit_opts,
 ) -> UQResult:
     """DIP-MCDO: fit a dropout U-Net (``dropout`` after every 3×3 conv) as a DIP, then
-    ``n_samples`` MC-dropout passes; mean = MC mean, std = MC std, samples centred at the mean."""
+    ``n_samples`` MC-dropout passes; mean = MC mean, std = MC std, samples centred at the mean.
+    ``net_overrides`` replace preset fields (e.g. ``{"channels": (16, 16, 16)}``)."""
     from .dip import UNet, fit_dip, mc_dropout_samples
 
     if not 0 < dropout < 1:
         raise ValueError(f"dropout must be in (0, 1), got {dropout}")
     ndim = len(tuple(operator.domain_shape))
-    model = UNet.from_preset(net, ndim=ndim, generator=generator, dropout=dropout)
+    model = UNet.from_preset(
+        net, ndim=ndim, generator=generator, dropout=dropout, **dict(net_overrides or {})
+    )
     res = fit_dip(
         operator,
         y,
