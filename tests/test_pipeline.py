@@ -139,7 +139,7 @@ def test_em_and_mll_agree_on_noise(problem):
         problem["op"],
         hyper="em",
         solver="exact",
-        em_cycles=30,
+        em_cycles=20,
         em_samples=256,
         generator=torch.Generator().manual_seed(0),
         **kw,
@@ -165,14 +165,14 @@ def test_em_and_mll_agree_on_noise(problem):
         problem["op"],
         hyper="em",
         solver="exact",
-        em_cycles=30,
+        em_cycles=20,
         em_estimator="exact",
         **kw,
     )
     assert em_exact.noise_var == pytest.approx(mll.noise_var, rel=0.01)
     assert em_exact.prior_variance["inc"] == pytest.approx(mll.prior_variance["inc"], rel=0.02)
     assert em.trajectories["noise_var"][-1] == pytest.approx(em.noise_var)
-    assert len(em.trajectories["noise_var"]) == 30
+    assert len(em.trajectories["noise_var"]) == 20
     assert math.isfinite(mll.trajectories["objective"][-1])
 
 
