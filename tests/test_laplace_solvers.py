@@ -142,7 +142,13 @@ def test_4096_samples_per_output_variance_within_10_percent(solver):
     la = _problem("ct")  # the d ≈ 5k problem is covered draw by draw (slow) above
     k = 4096
     cov = functional_covariance(la.system(), la.fmodel.dense_jacobian(la.inputs))
-    res = la.sample(k, solver, torch.Generator().manual_seed(3), **SOLVER_OPTS[solver])
+    # a 10 % variance test needs only moderate solver accuracy
+    opts = {
+        "sgd": dict(iterations=800, tol=1e-4),
+        "cg": dict(tol=1e-6),
+        "sdd": dict(iterations=800, tol=1e-4),
+    }
+    res = la.sample(k, solver, torch.Generator().manual_seed(3), **opts[solver])
     out = la.functional_samples(res.samples).reshape(k, -1)
     var = (out**2).mean(0)
     assert float(((var - cov.diagonal()).abs() / cov.diagonal()).max()) < 0.10
