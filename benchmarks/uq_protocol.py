@@ -235,7 +235,8 @@ def main(argv=None) -> int:
             for i, x in enumerate(xs):
                 rows.append(run_image(x, n_angles, noise, args, seed=i))
                 print(f"{key}: image {i + 1}/{len(xs)} done", flush=True)
-            raw[key] = rows
+                raw[key] = rows  # partial results survive an interrupted run
+                (args.out / "partial.json").write_text(json.dumps(raw, indent=2, default=str))
             results[key] = summarise(rows)
     (args.out / "results.json").write_text(
         json.dumps({"summary": results, "raw": raw}, indent=2, default=str)
