@@ -278,10 +278,16 @@ def main() -> None:
             }
             ours = _run(sys.executable, "ours", cfg, args.timeout)
             print(f"n={n:5d} C={c:4d} ours: {json.dumps(_round(ours))}")
-            if lt:
-                print(
-                    f"n={n:5d} C={c:4d} l-torch: {json.dumps(_round(_run(lt, 'lt', cfg, args.timeout)))}"
-                )
+            if not lt:
+                continue
+            for hs in ("kron", "full"):
+                # a dense d×d float32 GGN on a shared machine: predict the failure, do not provoke it
+                need_gb = 4 * ours.get("d", 0) ** 2 / 2**30
+                if hs == "full" and need_gb > args.max_dense_gb:
+                    res = {"skipped": f"full GGN needs {need_gb:.1f} GiB > --max-dense-gb"}
+                else:
+                    res = _run(lt, "lt", {**cfg, "hs": hs}, args.timeout)
+                print(f"n={n:5d} C={c:4d} l-torch {hs}: {json.dumps(_round(res))}")
 
 
 def _round(d):
