@@ -102,7 +102,7 @@ def run_image(x, n_angles, noise, args, seed):
                 generator=torch.Generator().manual_seed(seed),
                 **common,
             )
-        except FloatingPointError as err:  # a diverged run is reported, not fatal
+        except (FloatingPointError, torch.linalg.LinAlgError) as err:  # reported, not fatal
             print(f"{name}: {err}", flush=True)
             out[name + " failed"] = str(err)
             continue

@@ -91,10 +91,14 @@ def maximise_type2(
     )
     trace: dict[str, list] = {"objective": [], "noise_var": []}
 
+    # box for the line search's trial points (log scale): outside it Matérn factors and the
+    # evidence Cholesky break down; the objective is flat there, so L-BFGS turns back
+    bounds = [(-20.0, 10.0), (-30.0, 10.0), (-5.0, 3.0)]
+
     def load() -> None:
         with torch.no_grad():
-            for t, f in zip(targets, free):
-                t.copy_(f.expand_as(t))
+            for t, f, (lo, hi) in zip(targets, free, bounds):
+                t.copy_(f.clamp(lo, hi).expand_as(t))
 
     def closure():
         for f in free:

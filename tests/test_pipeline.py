@@ -228,8 +228,8 @@ def test_resume_from_stage_checkpoints(problem, tmp_path):
 
 
 def test_tv_map_regularises_lengthscales(problem):
-    """The exact evidence is flat in some Matérn lengthscales (MLL drives them to ~0); the
-    TV-PredCP hyperprior keeps them finite while the noise variance barely moves."""
+    """The exact evidence is flat in some Matérn lengthscales (MLL drives them to its lower
+    bound); the TV-PredCP hyperprior keeps them finite while σ² barely moves."""
     kw = dict(dip=problem["dip"], prior="matern", solver="exact", n_samples=4, progress=False)
     mll = reconstruct_with_uncertainty(problem["y"], problem["op"], hyper="mll", **kw)
     tvm = reconstruct_with_uncertainty(
@@ -239,7 +239,7 @@ def test_tv_map_regularises_lengthscales(problem):
         generator=torch.Generator().manual_seed(0),
         **kw,
     )
-    assert min(mll.lengthscale.values()) < 1e-3
+    assert min(mll.lengthscale.values()) < 0.01  # driven to the search box (e^-5)
     assert all(1e-2 < v < 10 for v in tvm.lengthscale.values()), tvm.lengthscale
     assert tvm.noise_var == pytest.approx(mll.noise_var, rel=0.2)
     assert all(math.isfinite(v) for v in tvm.trajectories["objective"])
