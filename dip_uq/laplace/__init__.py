@@ -18,6 +18,7 @@ adjoint), ``sgd`` (primal sample-then-optimise). All share one noise convention,
 :class:`Noise` gives the same samples from every solver.
 """
 
+from .front import Laplace
 from .jacobian import FunctionalModel
 from .likelihoods import Categorical, Gaussian, check_operator
 from .params import NORM_LAYERS, ParameterSelection, all_weights, conv_weights
@@ -31,6 +32,7 @@ __all__ = [
     "Categorical",
     "FunctionalModel",
     "Gaussian",
+    "Laplace",
     "LinearSystem",
     "LinearisedLaplace",
     "NORM_LAYERS",
