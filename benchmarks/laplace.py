@@ -11,7 +11,9 @@ Per size (each measurement in a fresh subprocess, peak memory = its VmHWM):
      20 angles at 5 % noise) to give the reference "DIP fit wall time". The short fit's
      weights are the linearisation point (the timings do not depend on how well it fitted).
   2. Linearised Laplace of the conv weights, one prior per U-Net block (``net.blocks()``):
-     Matérn-½ on 3×3 filters, Normal on 1×1 convs (the engine's "matern" block kind).
+     Matérn-½ on 3×3 filters, Normal on 1×1 convs (the engine's "matern" block kind). J is
+     the Jacobian of the network output image (sigmoid included; the cost is the same as
+     linearising before it).
      Fixed hyperparameters: σ² = the true noise variance, σ_b² = mean(θ*_b²) per block.
   3. Reference: ``exact`` (dense dual, float64) when n_obs is small, else ``cg`` at tol 1e-8.
   4. Per solver: the wall time until the voxelwise variance map of the K draws is within
@@ -73,6 +75,7 @@ class Case:
     max_iterations: int = 3200  # cap for sgd/sdd budgets
     max_solver_s: float = 1800.0  # stop a solver's sweep beyond this much wall time
     seed: int = 0
+    chunk_size: int | None = None  # vmap chunk for J products (bounds peak memory)
     extra: dict = field(default_factory=dict)
 
 
@@ -159,6 +162,7 @@ def load_laplace(case: Case, path: Path) -> LinearisedLaplace:
         params="conv_weights",
         blocks=lambda name: block_of[name],
         prior="matern",
+        chunk_size=case.chunk_size,
     )
     theta = la.theta_star()
     sel = la.selection
@@ -354,7 +358,9 @@ def run_case(
     return {"case": asdict(case), "dip": dip, "reference": ref, "solvers": rows}
 
 
-def cases(quick: bool, large_samples: int, max_solver_s: float) -> list[Case]:
+def cases(
+    quick: bool, large_samples: int, max_solver_s: float, chunk_size: int | None = None
+) -> list[Case]:
     small = {"channels": (32, 32, 32), "skip_channels": (0, 4, 4)}  # the ``small`` preset
     large = {
         "channels": (64,) * 5,
@@ -377,6 +383,7 @@ def cases(quick: bool, large_samples: int, max_solver_s: float) -> list[Case]:
             reference="cg",
             max_iterations=800,
             max_solver_s=max_solver_s,
+            chunk_size=chunk_size,
         ),
     ]
 
@@ -438,6 +445,9 @@ def main() -> None:
     ap.add_argument(
         "--max-solver-s", type=float, default=1800.0, help="cap on one solver's sweep at 128^2"
     )
+    ap.add_argument(
+        "--chunk-size", type=int, default=None, help="vmap chunk of J products at 128^2"
+    )
     ap.add_argument("--only", choices=["28^2", "128^2"], default=None)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--readme", type=Path, help="write the results section into this file")
@@ -459,7 +469,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     todo = [
         c
-        for c in cases(args.quick, args.large_samples, args.max_solver_s)
+        for c in cases(args.quick, args.large_samples, args.max_solver_s, args.chunk_size)
         if args.only in (None, c.name)
     ]
     results = []
