@@ -14,28 +14,9 @@ import math
 import torch
 from torch import nn
 
+from .adjoint_view import AdjointView
+
 __all__ = ["MatrixOperator"]
-
-
-class _MatrixAdjoint(nn.Module):
-    def __init__(self, op: MatrixOperator) -> None:
-        super().__init__()
-        object.__setattr__(self, "_op", op)
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self._op.adjoint(y)
-
-    @property
-    def T(self) -> MatrixOperator:  # noqa: N802 - mathematical notation
-        return self._op
-
-    @property
-    def domain_shape(self) -> tuple[int, ...]:
-        return self._op.range_shape
-
-    @property
-    def range_shape(self) -> tuple[int, ...]:
-        return self._op.domain_shape
 
 
 class MatrixOperator(nn.Module):
@@ -63,10 +44,10 @@ class MatrixOperator(nn.Module):
         self.domain_shape = tuple(domain_shape)
         self.range_shape = tuple(range_shape)
         self._csr: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        object.__setattr__(self, "_adjoint_view", _MatrixAdjoint(self))
+        object.__setattr__(self, "_adjoint_view", AdjointView(self))
 
     @property
-    def T(self) -> _MatrixAdjoint:  # noqa: N802
+    def T(self) -> AdjointView:  # noqa: N802
         return self._adjoint_view
 
     def _mats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,4 +97,4 @@ class MatrixOperator(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        object.__setattr__(self, "_adjoint_view", _MatrixAdjoint(self))
+        object.__setattr__(self, "_adjoint_view", AdjointView(self))

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .adjoint_view import AdjointView
 from .backends import make_backend
 from .backends.base import Backend
 from .errors import GeometryError
@@ -41,32 +42,6 @@ class _Backproject(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return _Project.apply(grad, ctx.op), None
-
-
-class _Adjoint(nn.Module):
-    """``op.T``: a module view of the adjoint, itself with ``.T`` returning the operator."""
-
-    def __init__(self, op: RayTransform) -> None:
-        super().__init__()
-        object.__setattr__(self, "_op", op)  # no submodule registration: avoids cycles
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self._op.adjoint(y)
-
-    @property
-    def T(self) -> RayTransform:  # noqa: N802 - mathematical notation
-        return self._op
-
-    @property
-    def domain_shape(self) -> tuple[int, ...]:
-        return self._op.range_shape
-
-    @property
-    def range_shape(self) -> tuple[int, ...]:
-        return self._op.domain_shape
-
-    def __repr__(self) -> str:
-        return f"{self._op!r}.T"
 
 
 class RayTransform(nn.Module):
@@ -114,10 +89,10 @@ class RayTransform(nn.Module):
             self._backend_for(torch.device("cuda") if backend == "astra_cuda" else None)
         self._norm: dict[str, float] | None = None  # per device
         # Not a registered submodule: the adjoint view points back at this module.
-        object.__setattr__(self, "_adjoint_view", _Adjoint(self))
+        object.__setattr__(self, "_adjoint_view", AdjointView(self))
 
     @property
-    def T(self) -> _Adjoint:  # noqa: N802 - mathematical notation
+    def T(self) -> AdjointView:  # noqa: N802 - mathematical notation
         """The adjoint as a module: ``op.T(y)``; ``op.T.T is op``."""
         return self._adjoint_view
 
@@ -254,4 +229,4 @@ class RayTransform(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        object.__setattr__(self, "_adjoint_view", _Adjoint(self))
+        object.__setattr__(self, "_adjoint_view", AdjointView(self))
