@@ -142,15 +142,9 @@ def _read_sinogram(path: Path, key: str | None):
     return arr
 
 
-def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from operators import RayTransform
-
-    from .dip.trainer import fit_dip
+def _read_problem(args: argparse.Namespace):
+    """Geometry file and sinogram of a CLI call, checked against each other."""
     from .geometry_file import read_geometry_file
-    from .io import write_volume
 
     volume, geometry = read_geometry_file(args.geometry)
     sino = _read_sinogram(args.sinogram, args.key)
@@ -160,6 +154,19 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
             f"{args.sinogram}: sinogram shape {tuple(sino.shape)} does not match the geometry "
             f"in {args.geometry}: expected {tuple(geometry.shape)} {order}"
         )
+    return volume, geometry, sino
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from operators import RayTransform
+
+    from .dip.trainer import fit_dip
+    from .io import write_volume
+
+    volume, geometry, sino = _read_problem(args)
     try:
         device = torch.device(args.device)
     except RuntimeError as err:
@@ -257,18 +264,10 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
 
     from operators import RayTransform
 
-    from .geometry_file import read_geometry_file
     from .io import read_array
     from .pipeline import reconstruct_with_uncertainty
 
-    volume, geometry = read_geometry_file(args.geometry)
-    sino = _read_sinogram(args.sinogram, args.key)
-    if tuple(sino.shape) != tuple(geometry.shape):
-        order = "(angles, det)" if geometry.ndim == 2 else "(det_rows, angles, det_cols)"
-        raise CLIError(
-            f"{args.sinogram}: sinogram shape {tuple(sino.shape)} does not match the geometry "
-            f"in {args.geometry}: expected {tuple(geometry.shape)} {order}"
-        )
+    volume, geometry, sino = _read_problem(args)
     for name in ("n_samples", "em_cycles", "em_samples", "iterations"):
         if getattr(args, name) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
