@@ -103,16 +103,18 @@ def fit_em(
                     gamma_b = sel.block_sum(z * system.Gt(system.G(z))).mean(0).double()
                 else:
                     gamma_b = sizes - prior.block_quadratic(z).mean(0).double()
-        gamma_b = torch.minimum(gamma_b.clamp_min(1e-6), sizes)
-        # clipped to [1, d]; not d − 1: with well-determined weights γ → d and the
-        # clip would bias σ² away from the evidence maximiser
+        # The total γ is clipped after summing: clipping each block at 0 first would turn
+        # the estimator's zero-mean noise in poorly determined blocks into a positive bias
+        # (σ² too small with few samples). Clipped to [1, d], not d − 1: with well-determined
+        # weights γ → d and the clip would bias σ² away from the evidence maximiser.
         gamma = float(gamma_b.sum().clamp(1.0, float(sel.d)))
+        gamma_b = torch.minimum(gamma_b.clamp_min(1e-6), sizes)  # per-block updates only
 
         with torch.no_grad():
             var_old = prior.variances().double()
             q_b = var_old * prior.block_quadratic(theta_lin[None])[0].double()
             if _cycle < tied_cycles:
-                new_var = (q_b.sum() / gamma_b.sum()).expand(nb)
+                new_var = (q_b.sum() / gamma).expand(nb)
             else:
                 new_var = q_b / gamma_b
             resid = la.targets - la.linear_prediction(theta_lin)
