@@ -1,7 +1,8 @@
 """Uncertainty baselines evaluated like the linearised DIP (methods §6).
 
 - :func:`dip_noise_baseline`: a point DIP reconstruction with the predictive N(x*, δI),
-  δ = σ² mean diag((AᵀA)⁺), for σ² = 1 or the learned noise variance.
+  δ = σ² mean diag((AᵀA)⁺_k) on the top-k singular directions (see
+  :func:`~dip_uq.metrics.backprojected_noise_delta`), for σ² = 1 or the learned noise variance.
 - :func:`dip_mcdo`: DIP-MCDO, a U-Net with dropout p after every 3×3 conv block, trained as a
   DIP; predictive mean and std from Monte-Carlo dropout passes.
 """
@@ -20,9 +21,17 @@ __all__ = ["dip_noise_baseline", "dip_mcdo"]
 
 
 def dip_noise_baseline(
-    mean: torch.Tensor, operator: Any, noise_var: float = 1.0, *, delta: float | None = None
+    mean: torch.Tensor,
+    operator: Any,
+    noise_var: float = 1.0,
+    *,
+    delta: float | None = None,
+    rank: int | None = None,
+    rcond: float | None = None,
 ) -> UQResult:
-    """Predictive N(mean, δI) with δ = ``noise_var`` · mean diag((AᵀA)⁺) (unless ``delta``).
+    """Predictive N(mean, δI) with δ = ``noise_var`` · mean diag((AᵀA)⁺_k) (unless ``delta``),
+    the truncation given by ``rank`` or ``rcond`` (use the same one as for the methods you
+    compare with, e.g. :func:`~dip_uq.metrics.discrepancy_rank` at the true noise level).
 
     ``mean`` is the DIP image (volume shape). The dense covariance δI is stored for images up
     to 4096 voxels so that exact test log-likelihoods treat every method alike.
@@ -33,7 +42,7 @@ def dip_noise_baseline(
             f"mean shape {tuple(mean.shape)} does not match the volume {tuple(operator.domain_shape)}"
         )
     if delta is None:
-        delta = backprojected_noise_delta(operator, noise_var)
+        delta = backprojected_noise_delta(operator, noise_var, rank=rank, rcond=rcond)
     if not (math.isfinite(delta) and delta > 0):
         raise ValueError(f"delta must be positive and finite, got {delta}")
     n = mean.numel()

@@ -32,6 +32,7 @@ __all__ = [
     "expected_calibration_error",
     "brier_score",
     "backprojected_noise_delta",
+    "discrepancy_rank",
     "evaluate_uq",
 ]
 
@@ -319,21 +320,78 @@ def expected_calibration_error(probs, labels, *, n_bins: int = 15, adaptive: boo
 
 
 # ----------------------------------------------------------------------------- CT uncertainty maps
-def backprojected_noise_delta(operator, noise_var: float, *, rcond: float = 1e-3) -> float:
-    """δ = σ_y² mean diag((AᵀA)⁺) (methods §6): the variance that white sinogram noise leaves
-    in a least-squares reconstruction. ``A`` is assembled densely (small images only) and
-    its pseudo-inverse truncated at singular values below ``rcond`` · s_max."""
+def _dense_svd(operator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors ``U`` ``(n_obs, r)`` and singular values ``s`` (descending) of
+    the operator assembled densely in float64 (small images only)."""
     shape = tuple(operator.domain_shape)
     n = math.prod(shape)
     if n > 20000:
-        raise ValueError(f"backprojected_noise_delta assembles A densely: {n} voxels is too many")
+        raise ValueError(
+            f"the backprojected-noise delta assembles A densely: {n} voxels is too many"
+        )
     eye = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
     with torch.no_grad():
         A = operator(eye).reshape(n, -1).T.double()  # (n_obs, n_vox)
-    s = torch.linalg.svdvals(A)
-    keep = s > rcond * s[0]
-    # diag((AᵀA)⁺) = Σ_k v_k² / s_k² ; its mean = Σ_k s_k⁻² / n
-    return float(noise_var) * float((s[keep] ** -2).sum()) / n
+    U, s, _ = torch.linalg.svd(A, full_matrices=False)
+    return U, s
+
+
+def discrepancy_rank(operator, y, noise_var: float, *, tau: float = 1.0) -> int:
+    """Rank of the truncated-SVD reconstruction chosen by Morozov's discrepancy principle: the
+    smallest ``k`` with ``‖y − A x_k‖² ≤ τ² n_obs σ²``, ``x_k`` the least-squares solution on
+    the top ``k`` singular directions (``‖y − A x_k‖² = ‖y‖² − Σ_{j≤k} (u_jᵀ y)²``).
+
+    These are the directions the data determine above the noise level: the subspace on which
+    the backprojected-noise correction δ is computed (methods §6). ``y`` has the operator's
+    range shape; ``noise_var`` is σ_y² (the true one in benchmarks with a ground truth).
+    Returns the numerical rank when even that leaves a larger residual.
+    """
+    y = _t(y).double()
+    if tuple(y.shape) != tuple(operator.range_shape):
+        raise ValueError(
+            f"y must have the operator's range shape {tuple(operator.range_shape)}, "
+            f"got {tuple(y.shape)}"
+        )
+    if not (math.isfinite(noise_var) and noise_var > 0):
+        raise ValueError(f"noise_var must be positive and finite, got {noise_var}")
+    U, s = _dense_svd(operator)
+    r = int((s > s[0] * max(s.shape) * torch.finfo(torch.float64).eps).sum())
+    c = U[:, :r].T @ y.reshape(-1)
+    resid = float(y.pow(2).sum()) - torch.cumsum(c**2, 0)  # residual after k = 1..r
+    below = torch.nonzero(resid <= tau**2 * y.numel() * noise_var).flatten()
+    return int(below[0]) + 1 if below.numel() else r
+
+
+def backprojected_noise_delta(
+    operator, noise_var: float, *, rank: int | None = None, rcond: float | None = None
+) -> float:
+    """δ = σ² mean diag((AᵀA)⁺_k) (methods §6): the voxel variance that white sinogram noise of
+    variance σ² = ``noise_var`` leaves in the least-squares reconstruction restricted to the
+    top ``k`` singular directions of ``A`` (``mean diag = Σ_{j≤k} s_j⁻² / n_vox``).
+
+    The truncation must be chosen, because sparse-view operators have singular values down to
+    ~1e-4 s_max whose s⁻² would swamp every predictive: ``rank=k`` (use
+    :func:`discrepancy_rank` for the directions the data determine; the same ``k`` for every
+    method compared), or ``rcond`` (keep ``s > rcond · s_max``). ``A`` is assembled densely.
+    """
+    if (rank is None) == (rcond is None):
+        raise ValueError(
+            "backprojected_noise_delta: choose the truncation with exactly one of rank= "
+            "(e.g. discrepancy_rank(operator, y, noise_var)) or rcond="
+        )
+    if not (math.isfinite(noise_var) and noise_var > 0):
+        raise ValueError(f"noise_var must be positive and finite, got {noise_var}")
+    _, s = _dense_svd(operator)
+    n = math.prod(tuple(operator.domain_shape))
+    if rank is not None:
+        if not 1 <= int(rank) <= s.numel():
+            raise ValueError(f"rank must be in [1, {s.numel()}], got {rank}")
+        kept = s[: int(rank)]
+    else:
+        kept = s[s > float(rcond) * s[0]]
+    if kept.numel() == 0 or float(kept[-1]) == 0.0:
+        raise ValueError("backprojected_noise_delta: the truncation keeps a zero singular value")
+    return float(noise_var) * float((kept**-2).sum()) / n
 
 
 def evaluate_uq(
