@@ -203,17 +203,23 @@ class Laplace(nn.Module):
             raise RuntimeError("call fit(train_loader) before predicting or sampling")
 
     # ---- whitened-coordinate products (θ = L u) ---------------------------------------
+    # Every front-door prior is diagonal (block Normal, optionally g-prior scaled), so L is the
+    # per-coordinate std: products are elementwise in the vectors' own dtype (no float64 copy
+    # of a (K, d) block, which at ResNet-18 size is K × 90 MB).
+    def _std_as(self, v: torch.Tensor) -> torch.Tensor:
+        return self._coord_std().detach().to(device=v.device, dtype=v.dtype)
+
     @torch.no_grad()
     def _L(self, u: torch.Tensor) -> torch.Tensor:
-        return self.prior.sqrt_mv(u.double()).to(u.dtype)
+        return u * self._std_as(u)
 
     @torch.no_grad()
     def _Lt(self, v: torch.Tensor) -> torch.Tensor:
-        return self.prior.sqrt_t_mv(v.double()).to(v.dtype)
+        return v * self._std_as(v)
 
     @torch.no_grad()
     def _Linv(self, v: torch.Tensor) -> torch.Tensor:
-        return self.prior.sqrt_inv_mv(v.double()).to(v.dtype)
+        return v / self._std_as(v)
 
     def _P(self, problem: StreamingProblem) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda u: self._Lt(problem.ggn_mv(self._L(u))) + u
@@ -255,6 +261,7 @@ class Laplace(nn.Module):
             self.n_samples, self.d, generator=gen, dtype=problem.dtype, device=gdev
         ).to(problem.device)
         self._dense = None
+        self._chol_cache = None
         if self.prior_kind == "g-prior":
             # Hutchinson estimate of diag M reusing the sample noise (methods §4)
             diag = (self.noise_t**2).mean(0) / self._noise_var()
@@ -334,9 +341,7 @@ class Laplace(nn.Module):
     ) -> tuple[torch.Tensor, SolveInfo]:
         opts = dict(self.solver_opts)
         if self.solver == "exact":
-            P = self._dense_P()
-            C, _ = robust_cholesky(P)
-            u = torch.cholesky_solve(b.double().T, C).T.to(b.dtype)
+            u = torch.cholesky_solve(b.double().T, self._dense_chol()).T.to(b.dtype)
             return u, SolveInfo(0, [], 0.0, True)
         if self.solver == "cg":
             return cg_solve(self._P(problem), b, init, **opts)
@@ -351,6 +356,17 @@ class Laplace(nn.Module):
                 )
             self._dense = self._problem().dense()
         return self._dense
+
+    def _dense_chol(self) -> torch.Tensor:
+        """Cholesky factor of the dense P, cached while the hyperparameters are unchanged (the
+        Newton steps for θ_lin and the sample solve of one EM cycle share it)."""
+        std = self._coord_std().detach()
+        key = (std, self._noise_var())
+        cache = getattr(self, "_chol_cache", None)
+        if cache is None or cache[1] != key[1] or not torch.equal(cache[0], std):
+            C, _ = robust_cholesky(self._dense_P())
+            self._chol_cache = (std.clone(), key[1], C)
+        return self._chol_cache[2]
 
     def _coord_std(self) -> torch.Tensor:
         """Diagonal of L (all front-door priors are diagonal): σ_b s_i per coordinate, float64."""
@@ -492,7 +508,7 @@ class Laplace(nn.Module):
                 var_old = prior.variances().double()
                 q_b = var_old * prior.block_quadratic(theta_lin[None].double())[0]
                 new_var = (q_b.sum() / gamma_b.sum()).expand(nb) if cycle < tied else q_b / gamma_b
-                z_old, th_old = z.double(), theta_lin.double()
+                z_old, th_old = z, theta_lin  # not modified in place below
                 prior.set_variances(new_var.clamp_min(1e-30))
                 if self.kind == "gaussian" and fit_noise:
                     floor = 1e-6 * ss / max(n_obs, 1) + 1e-30
