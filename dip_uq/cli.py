@@ -347,10 +347,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         m = r["uq_metrics"]
         print(
             f"linearised DIP: noise variance {r['noise_var_learned']:.4g} "
-            f"(true {r['noise_var_true']:.4g}), test log-likelihood "
-            f"{m['test_log_likelihood']:.3f}, 90% coverage {m['coverage']['0.9']:.3f}, "
+            f"(true {r['noise_var_true']:.4g}, {100 * r['noise_var_rel_error']:+.0f}%), "
+            f"test log-likelihood {m['test_log_likelihood']:.3f}, "
+            f"90% coverage {m['coverage']['0.9']:.3f}, z-score std {m['zscore']['std']:.2f}, "
             f"corr(std, |error|) {m['std_error_correlation']:.2f}"
         )
+        if not r["uq_converged"]:
+            print("WARNING: " + "\nWARNING: ".join(r["uq_warnings"]))
         print(f"uncertainty panel: {Path(args.out) / 'uncertainty.png'}")
     print(f"figure: {r['figure']}  ({r['seconds']:.0f} s)")
     return 0

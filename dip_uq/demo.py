@@ -133,6 +133,10 @@ def _run(
         results["uq_seconds"] = uq.diagnostics["timings"]
         results["noise_var_true"] = std**2
         results["noise_var_learned"] = uq.noise_var
+        results["noise_var_rel_error"] = uq.noise_var / std**2 - 1
+        results["uq_converged"] = uq.diagnostics["converged"]
+        results["uq_warnings"] = uq.diagnostics["warnings"]
+        results["noise_var_trajectory"] = uq.trajectories.get("noise_var")
         results["uq_metrics"] = {
             k: uq_metrics[k]
             for k in ("test_log_likelihood", "coverage", "zscore", "std_error_correlation", "ause")
@@ -150,7 +154,11 @@ def _uncertainty(out: Path, op, y, x, res, quick: bool, g, progress: bool):
     """Linearised DIP on the demo's DIP fit; writes the maps, panel and metrics.json."""
     from .pipeline import reconstruct_with_uncertainty
 
-    opts = {"tol": 1e-3, "max_iter": 8 if quick else 40, "precond_rank": 8 if quick else 50}
+    # float64: GΣGᵀ has λ_max ~ 1e7-1e8 here, beyond what float32 kernel products resolve
+    # (CG stalled at residual ~1, the effective dimension exceeded n_obs and EM's σ² blew up
+    # to 1e5 in the first cycle). A rank-100 Nyström preconditioner leaves a condition number
+    # ~λ_101 ~ 10-100, so 100 CG iterations reach the 1e-3 tolerance.
+    opts = {"tol": 1e-3, "max_iter": 30 if quick else 100, "precond_rank": 8 if quick else 100}
     uq = reconstruct_with_uncertainty(
         y,
         op,
@@ -161,6 +169,8 @@ def _uncertainty(out: Path, op, y, x, res, quick: bool, g, progress: bool):
         em_samples=4 if quick else 8,
         n_samples=4 if quick else 32,
         sample_batch=16,
+        prior_variance=0.1,
+        dtype=torch.float64,
         solver_opts=opts,
         generator=g,
         progress=progress,

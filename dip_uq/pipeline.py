@@ -23,6 +23,7 @@ batches.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -225,22 +226,55 @@ def _load_hyper_state(la: LinearisedLaplace, st: dict) -> None:
     la.prior.set_scale(st.get("scale"))
 
 
+def _warn(notes: list[str], msg: str) -> None:
+    """Warn and keep the message for the result's ``diagnostics["warnings"]``."""
+    notes.append(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
 def _fit_hyper(
-    la, hyper, *, em_cycles, em_samples, em_solver, solver_opts, generator, tv, tied, estimator
+    la,
+    hyper,
+    *,
+    em_cycles,
+    em_samples,
+    em_solver,
+    solver_opts,
+    generator,
+    tv,
+    tied,
+    estimator,
+    notes,
+    progress=False,
 ):
-    """Runs the hyperparameter stage in place; returns its trajectories."""
+    """Runs the hyperparameter stage in place; returns its trajectories (and appends
+    warnings to ``notes``)."""
     if hyper == "fixed":
         return {}
     if hyper == "em":
-        hist = la.fit_hyperparameters(
-            n_cycles=em_cycles,
-            n_samples=em_samples,
-            solver=em_solver,
-            generator=generator,
-            solver_opts=solver_opts,
-            tied_cycles=em_cycles if tied else None,
-            estimator=estimator,
-        )
+        bar = _progress(total=em_cycles, initial=0, enabled=progress, desc=f"EM ({em_solver})")
+        set_variances = la.prior.set_variances
+
+        def set_and_tick(v):  # the engine calls this once per EM cycle: drives the bar
+            set_variances(v)
+            if bar is not None:
+                bar.update(1)
+
+        la.prior.set_variances = set_and_tick
+        try:
+            hist = la.fit_hyperparameters(
+                n_cycles=em_cycles,
+                n_samples=em_samples,
+                solver=em_solver,
+                generator=generator,
+                solver_opts=solver_opts,
+                tied_cycles=em_cycles if tied else None,
+                estimator=estimator,
+            )
+        finally:
+            del la.prior.set_variances
+            if bar is not None:
+                bar.close()
         traj = {
             "noise_var": list(hist.noise_var),
             "prior_variance": [v.tolist() for v in hist.prior_variance],
@@ -250,13 +284,23 @@ def _fit_hyper(
             "sample_residual": list(hist.sample_residual),
             "converged": list(hist.converged),
         }
+        n_obs = la.targets.numel()
+        over = [i + 1 for i, g in enumerate(hist.gamma) if float(g.sum()) >= n_obs - 1]
+        if over:
+            _warn(
+                notes,
+                f"EM: the effective dimension γ reached the number of observations ({n_obs}) "
+                f"in cycle(s) {over}, which is impossible for converged samples (γ ≤ rank M); "
+                "σ² was unreliable there. Use dtype=torch.float64, a larger precond_rank or "
+                "more solver iterations",
+            )
         if not all(hist.converged[-1:]):
-            warnings.warn(
+            _warn(
+                notes,
                 f"EM: the {em_solver} solver did not converge in the last cycle (mode residual "
                 f"{hist.mode_residual[-1]:.3g}, sample residual {hist.sample_residual[-1]:.3g}); "
-                "raise its iterations or use solver='cg'",
-                RuntimeWarning,
-                stacklevel=3,
+                "raise its iterations (solver_opts max_iter / iterations) or precond_rank, or "
+                "use dtype=torch.float64",
             )
         return traj
     from .tv_predcp import maximise_type2
@@ -316,6 +360,7 @@ def reconstruct_with_uncertainty(
     em_solver: str | None = None,
     tied: bool = True,
     em_estimator: str = "function",
+    dtype: torch.dtype | None = None,
     solver_opts: dict | None = None,
     noise_var: float | None = None,
     prior_variance: float = 1.0,
@@ -350,10 +395,14 @@ def reconstruct_with_uncertainty(
         tied: EM keeps one prior variance shared by all blocks (default: per-block EM with
             few observations drifted to degenerate block variances and NaNs).
         em_estimator: effective-dimension estimator of EM: ``"function"`` (default),
-            ``"weight"`` or ``"exact"`` (with ``em_solver="exact"``). The function estimator
-            needs enough samples: the engine clips each block's γ_b at 0 before summing, which
-            biases γ upwards with few samples (64 samples doubled σ² on a 12×12 test problem,
-            256 were within 8 % of the evidence maximiser).
+            ``"weight"`` or ``"exact"`` (with ``em_solver="exact"``). The engine clips only
+            the total γ = Σ_b γ_b (to [1, d]), so block-level estimator noise averages out;
+            γ̂ still needs converged samples: an unconverged solve inflates it, and γ̂ ≥ n_obs
+            (impossible: γ ≤ rank M ≤ n_obs) is reported as a ``RuntimeWarning``.
+        dtype: dtype of the linearised stage (network, input and data are cast to it);
+            default ``y``'s. Use ``torch.float64`` when GΣGᵀ is badly conditioned: float32
+            kernel products carry an absolute error ≈ eps·λ_max(GΣGᵀ), and CT kernels have
+            λ_max ~ 1e7-1e8 (the demo), which stalls CG at relative residuals ~1.
         solver_opts: options passed to the solver (e.g. ``{"iterations": 3000}`` for sgd).
         noise_var: initial σ_y²; default the DIP's residual ‖y − A x*‖²/d_y.
         prior_variance, lengthscale: initial σ_b², ℓ_b.
@@ -382,10 +431,15 @@ def reconstruct_with_uncertainty(
         )
     domain, rng = _domain_range(operator)
     y = _check_y(y, rng)
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        y = y.to(dtype)
     em_solver = em_solver or solver
     solver_opts = dict(solver_opts or {})
     ckpt = Path(checkpoint_dir).expanduser() if checkpoint_dir is not None else None
     timings: dict[str, float] = {}
+    notes: list[str] = []  # warnings, also kept in diagnostics["warnings"]
 
     # 1. DIP
     t0 = time.perf_counter()
@@ -393,7 +447,8 @@ def reconstruct_with_uncertainty(
         y, operator, dip, net_input, generator, progress, ckpt, resume
     )
     timings["dip"] = time.perf_counter() - t0
-    net = net.to(device=y.device, dtype=y.dtype)
+    if any(p.dtype != y.dtype or p.device != y.device for p in net.parameters()):
+        net = copy.deepcopy(net).to(device=y.device, dtype=y.dtype)  # the caller's net stays
     z0 = z0.to(device=y.device, dtype=y.dtype)
     if image.numel() != math.prod(domain):
         raise ValueError(
@@ -401,6 +456,7 @@ def reconstruct_with_uncertainty(
             f"{domain} (expected (1, 1, {', '.join(map(str, domain))}))"
         )
     _finite_or_raise("DIP", image)
+    image = image.to(y.dtype)
 
     # 2-3. linearisation and prior
     t0 = time.perf_counter()
@@ -432,6 +488,7 @@ def reconstruct_with_uncertainty(
         st = load_checkpoint(hyper_path)
         _load_hyper_state(la, st["hyper"])
         traj = st["trajectories"]
+        notes.extend(st.get("notes", []))
     else:
         state0 = _hyper_state(la)
 
@@ -448,11 +505,16 @@ def reconstruct_with_uncertainty(
                 tv=tv,
                 tied=tied,
                 estimator=em_estimator,
+                notes=notes,
+                progress=progress,
             )
 
         traj = _with_precond_fallback(run_hyper, em_solver, solver_opts)
         if hyper_path is not None:
-            atomic_save({"hyper": _hyper_state(la), "trajectories": traj}, hyper_path)
+            atomic_save(
+                {"hyper": _hyper_state(la), "trajectories": traj, "notes": list(notes)},
+                hyper_path,
+            )
     _finite_or_raise("hyperparameter", la.prior.variances(), la.likelihood.noise_var)
     timings["hyperparameters"] = time.perf_counter() - t0
 
@@ -515,12 +577,12 @@ def reconstruct_with_uncertainty(
     timings["samples"] = time.perf_counter() - t0
     bad = [d for d in sample_diag if not d["converged"]]
     if bad:
-        warnings.warn(
+        _warn(
+            notes,
             f"{solver}: {len(bad)} of {len(sample_diag)} sample batches did not converge "
             f"(worst relative residual {max(d['residual'] for d in bad):.3g}); the std map may be "
-            "biased low. Raise the solver's iterations or use solver='cg'",
-            RuntimeWarning,
-            stacklevel=2,
+            "biased. Raise the solver's iterations or precond_rank, use dtype=torch.float64, "
+            "or solver='cg'",
         )
     var = acc.second_moment()
     cov = exact_image_covariance(la) if exact_covariance else None
@@ -550,6 +612,9 @@ def reconstruct_with_uncertainty(
             "sample_batches": sample_diag,
             "dip": dip_info,
             "timings": timings,
+            "dtype": str(y.dtype).replace("torch.", ""),
+            "converged": not notes,
+            "warnings": notes,
         },
         samples=torch.cat(kept) if kept else None,
         covariance=cov,
