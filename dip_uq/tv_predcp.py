@@ -115,7 +115,7 @@ def maximise_type2(
             g = t.grad if t.grad is not None else torch.zeros_like(t)
             f.grad = g.sum().reshape(1) if (f.numel() == 1 and t.numel() > 1) else g.clone()
         trace["objective"].append(float(loss.detach()))
-        trace["noise_var"].append(float(lik.noise_var))
+        trace["noise_var"].append(float(lik.noise_var.detach()))
         return loss.detach()
 
     try:
