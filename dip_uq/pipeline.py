@@ -42,6 +42,7 @@ __all__ = [
     "build_laplace",
     "unet_block_of",
     "exact_image_covariance",
+    "tied_evidence_maximiser",
     "DIVERGENCE_MESSAGE",
 ]
 
@@ -167,6 +168,50 @@ def exact_image_covariance(la: LinearisedLaplace) -> torch.Tensor:
     return functional_covariance(system, J, dense_factors(system))
 
 
+def tied_evidence_maximiser(
+    la: LinearisedLaplace, max_iter: int = 200
+) -> tuple[float, float, float]:
+    """Exact type-II ML over one shared prior variance v and σ² (small problems; a reference
+    for EM and MLL), at the prior's current block shapes: Σ = v Σ₁ with Σ₁ the prior at v = 1.
+
+    With K₀ = (AJ) Σ₁ (AJ)ᵀ = U S Uᵀ (float64, dense) and c = Uᵀỹ, ỹ = y − A x* + AJ θ*,
+    log p(y) = −½ Σ_i [c_i² / (v s_i + σ²) + log(v s_i + σ²)] − (n/2) log 2π, maximised
+    over (log v, log σ²) by L-BFGS (one eigendecomposition, then O(n) per evaluation).
+    Returns (v, σ², log evidence); ``la`` is not modified.
+    """
+    lik = la._gaussian("the tied evidence maximiser")
+    v_now = la.prior.variances().detach().double()
+    if not torch.allclose(v_now, v_now[0].expand_as(v_now), rtol=1e-6):
+        raise ValueError("tied_evidence_maximiser needs one shared prior variance (tied=True)")
+    AJ = la.dense_observation_jacobian()
+    with torch.no_grad():
+        pred = lik.observe(la.fmodel.output(la.inputs)).reshape(-1).double()
+        ytil = la.targets.reshape(-1).double() - pred + AJ @ la.theta_star().double()
+        K0 = AJ @ la.prior.cov_mv(AJ).T.double() / v_now[0]
+        S, U = torch.linalg.eigh(0.5 * (K0 + K0.T))
+        S = S.clamp_min(0.0)
+        c2 = (U.T @ ytil) ** 2
+    logs = torch.tensor(
+        [math.log(float(v_now[0])), math.log(float(lik.noise_var))],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
+    opt = torch.optim.LBFGS([logs], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def nll():
+        opt.zero_grad()
+        k = logs[0].exp() * S + logs[1].exp()
+        loss = 0.5 * (c2 / k + k.log()).sum()
+        loss.backward()
+        return loss
+
+    opt.step(nll)
+    with torch.no_grad():
+        k = logs[0].exp() * S + logs[1].exp()
+        ev = -0.5 * float((c2 / k + k.log()).sum()) - 0.5 * S.numel() * math.log(2 * math.pi)
+    return float(logs[0].exp()), float(logs[1].exp()), ev
+
+
 def _resolve_dip(y, operator, dip, net_input, generator, progress, ckpt: Path | None, resume=True):
     """Returns (net, z0, image, dip_info)."""
     from .dip import DIPResult, fit_dip, initial_input
@@ -224,6 +269,18 @@ def _load_hyper_state(la: LinearisedLaplace, st: dict) -> None:
         la.prior.log_lengthscale.copy_(st["log_lengthscale"])
         la.likelihood.log_noise_var.copy_(st["log_noise_var"])
     la.prior.set_scale(st.get("scale"))
+
+
+def _sgd_momentum(la: LinearisedLaplace) -> float:
+    """Nesterov momentum for the primal sgd solver from the condition number of its objective,
+    κ = λ_max(ĜᵀĜ) + 1 (the prior part is the identity): the optimal heavy-ball value
+    (√κ − 1)/(√κ + 1), clipped to [0.9, 0.999]. The engine's fixed 0.9 needs ~κ/10 steps for
+    directions of intermediate curvature; on the 12×12 test problem (κ ≈ 1e5) 4000 steps at
+    0.9 left the std 25 % high, at 0.99 within 0.02 % of the exact samples."""
+    gen = torch.Generator(device=la.inputs.device).manual_seed(0)  # deterministic estimate
+    kappa = la.system().lambda_max(generator=gen) + 1.0
+    root = math.sqrt(kappa)
+    return float(min(max((root - 1.0) / (root + 1.0), 0.9), 0.999))
 
 
 def _warn(notes: list[str], msg: str) -> None:
@@ -396,14 +453,19 @@ def reconstruct_with_uncertainty(
             few observations drifted to degenerate block variances and NaNs).
         em_estimator: effective-dimension estimator of EM: ``"function"`` (default),
             ``"weight"`` or ``"exact"`` (with ``em_solver="exact"``). The engine clips only
-            the total γ = Σ_b γ_b (to [1, d]), so block-level estimator noise averages out;
-            γ̂ still needs converged samples: an unconverged solve inflates it, and γ̂ ≥ n_obs
-            (impossible: γ ≤ rank M ≤ n_obs) is reported as a ``RuntimeWarning``.
+            the total γ = Σ_b γ_b (to [1, d]), so block-level estimator noise averages out:
+            on the 12×12 test problem EM's σ² was within 9 % of the MLL value with 16
+            samples, 3.3 % with 64 and 0.6 % with 256 (3 seeds each). γ̂ needs converged
+            samples: an unconverged solve inflates it, and γ̂ ≥ n_obs (impossible: γ ≤
+            rank M ≤ n_obs) is reported as a ``RuntimeWarning``.
         dtype: dtype of the linearised stage (network, input and data are cast to it);
             default ``y``'s. Use ``torch.float64`` when GΣGᵀ is badly conditioned: float32
             kernel products carry an absolute error ≈ eps·λ_max(GΣGᵀ), and CT kernels have
             λ_max ~ 1e7-1e8 (the demo), which stalls CG at relative residuals ~1.
         solver_opts: options passed to the solver (e.g. ``{"iterations": 3000}`` for sgd).
+            For ``sgd`` without a ``momentum`` option, the momentum is set from the condition
+            number κ = λ_max(ĜᵀĜ) + 1 of its objective, (√κ − 1)/(√κ + 1) clipped to
+            [0.9, 0.999] (one power iteration at the initial hyperparameters).
         noise_var: initial σ_y²; default the DIP's residual ‖y − A x*‖²/d_y.
         prior_variance, lengthscale: initial σ_b², ℓ_b.
         tv_weight, tv_scale: TV-PredCP (``hyper="tv-map"``): λ_TV = tv_scale · d_y · γ, with
@@ -437,6 +499,7 @@ def reconstruct_with_uncertainty(
         y = y.to(dtype)
     em_solver = em_solver or solver
     solver_opts = dict(solver_opts or {})
+    auto_momentum = "sgd" in (solver, em_solver) and "momentum" not in solver_opts
     ckpt = Path(checkpoint_dir).expanduser() if checkpoint_dir is not None else None
     timings: dict[str, float] = {}
     notes: list[str] = []  # warnings, also kept in diagnostics["warnings"]
@@ -482,6 +545,10 @@ def reconstruct_with_uncertainty(
         tv_weight = float(dip_info.get("options", {}).get("tv_weight", 1e-4))
     tv = {"weight": tv_weight, "scale": tv_scale}
 
+    # sgd only: a momentum matched to the problem's conditioning, unless the caller chose one
+    sgd_extra = {"momentum": _sgd_momentum(la)} if auto_momentum else {}
+    em_opts = {**solver_opts, **sgd_extra} if em_solver == "sgd" else dict(solver_opts)
+
     # 4. hyperparameters (resumable)
     hyper_path = ckpt / "hyper.pt" if ckpt is not None else None
     if resume and hyper_path is not None and hyper_path.exists():
@@ -509,7 +576,7 @@ def reconstruct_with_uncertainty(
                 progress=progress,
             )
 
-        traj = _with_precond_fallback(run_hyper, em_solver, solver_opts)
+        traj = _with_precond_fallback(run_hyper, em_solver, em_opts)
         if hyper_path is not None:
             atomic_save(
                 {"hyper": _hyper_state(la), "trajectories": traj, "notes": list(notes)},
@@ -528,7 +595,7 @@ def reconstruct_with_uncertainty(
         kept, sample_diag, done = list(st["kept"]), list(st["diag"]), int(st["done"])
         if generator is not None and st.get("generator") is not None:
             generator.set_state(st["generator"])
-    opts = dict(solver_opts)
+    opts = {**solver_opts, **sgd_extra} if solver == "sgd" else dict(solver_opts)
     if solver == "exact":
         opts["factors"] = dense_factors(la.system())
     bar = _progress(total=int(n_samples), initial=done, enabled=progress, desc="posterior samples")
@@ -609,6 +676,7 @@ def reconstruct_with_uncertainty(
             "d": sel.d,
             "n_obs": int(y.numel()),
             "initial_noise_var": float(init_noise),
+            "sgd_momentum": sgd_extra.get("momentum"),
             "sample_batches": sample_diag,
             "dip": dip_info,
             "timings": timings,
