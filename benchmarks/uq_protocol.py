@@ -6,8 +6,16 @@ setting; ``--iter-scale`` shrinks the budgets for CPU runs). Per image: one DIP 
 linearised DIP with EM, exact MLL and TV-MAP (the dense ones use exact covariances), and the baselines
 DIP σ²=1, DIP with the learned σ² (both N(x*, δI)) and DIP-MCDO (its own dropout DIP fit).
 Reports mean ± stderr over images of the exact and patch (p = 1, 2, 10) test
-log-likelihoods (with δ = σ_y² mean diag((AᵀA)⁺), the true σ_y²), PSNR and 90 % coverage,
-and the DIP vs UQ wall-clock times. Writes ``OUT/results.json`` and ``OUT/table.md``.
+log-likelihoods, PSNR and 90 % coverage, and the DIP vs UQ wall-clock times. Writes
+``OUT/results.json`` and ``OUT/table.md``.
+
+Backprojected-noise correction δ = σ² Σ_{j≤k} s_j⁻² / n_vox (methods §6): the variance that
+white sinogram noise leaves in the least-squares reconstruction on the top-k singular
+directions of A, k chosen per image by the discrepancy principle at the true σ_y²
+(:func:`dip_uq.metrics.discrepancy_rank`). The same k serves every method; σ² is the
+method's own (learned for linearised DIP, 1 or learned for the σ² baselines, the true σ_y²
+for DIP-MCDO, which has no noise model). Each image also records δ under the old
+``rcond=1e-3`` rule, the DIP's squared error and each method's mean predictive variance.
 
     .venv/bin/python benchmarks/uq_protocol.py                        # generated images
     .venv/bin/python benchmarks/uq_protocol.py --images kmnist-test-imgs.npz --n-images 50
@@ -32,7 +40,11 @@ from dip_uq import reconstruct_with_uncertainty  # noqa: E402
 from dip_uq.baselines import dip_mcdo, dip_noise_baseline  # noqa: E402
 from dip_uq.datasets.kmnist import kmnist_operator, load_images  # noqa: E402
 from dip_uq.dip import fit_dip  # noqa: E402
-from dip_uq.metrics import backprojected_noise_delta, evaluate_uq  # noqa: E402
+from dip_uq.metrics import (  # noqa: E402
+    backprojected_noise_delta,
+    discrepancy_rank,
+    evaluate_uq,
+)
 from operators.noise import add_gaussian_noise  # noqa: E402
 from operators.phantoms import random_ellipses  # noqa: E402
 
@@ -69,7 +81,8 @@ def run_image(x, n_angles, noise, args, seed):
     y, std = add_gaussian_noise(op(x), rel=noise, generator=g)
     gamma, its = DIP_SETTINGS[(noise, n_angles)]
     its = max(50, int(its * args.iter_scale))
-    delta = backprojected_noise_delta(op, std**2)
+    rank = discrepancy_rank(op, y, std**2)
+    delta = backprojected_noise_delta(op, std**2, rank=rank)
     t0 = time.perf_counter()
     net = None
     if args.channels:
@@ -107,15 +120,25 @@ def run_image(x, n_angles, noise, args, seed):
             out[name + " failed"] = str(err)
             continue
         times[name] = time.perf_counter() - t0
-        out[name] = evaluate_uq(res, x, delta=delta)
+        out[name] = evaluate_uq(res, x, delta=delta * res.noise_var / std**2)
         out[name]["noise_var"] = res.noise_var
+        out[name]["mean_var"] = float(res.std.double().pow(2).mean())
+        out[name]["timings"] = res.diagnostics["timings"]
         if name == "lin-DIP EM":
             learned = res.noise_var
     out["true_noise_var"] = std**2
+    out["delta"] = {
+        "rank": rank,
+        "n_obs": int(y.numel()),
+        "true_sigma2": delta,
+        "rcond_1e-3": backprojected_noise_delta(op, std**2, rcond=1e-3),
+        "dip_mse": float((dip.image.reshape(x.shape).double() - x.double()).pow(2).mean()),
+    }
+    img = dip.image.reshape(x.shape)
     if "DIP sigma2=1" in args.methods:
-        out["DIP sigma2=1"] = evaluate_uq(dip_noise_baseline(dip.image, op, 1.0), x)
+        out["DIP sigma2=1"] = evaluate_uq(dip_noise_baseline(img, op, 1.0, rank=rank), x)
     if "DIP learned sigma2" in args.methods and learned is not None:
-        out["DIP learned sigma2"] = evaluate_uq(dip_noise_baseline(dip.image, op, learned), x)
+        out["DIP learned sigma2"] = evaluate_uq(dip_noise_baseline(img, op, learned, rank=rank), x)
     if "DIP-MCDO" in args.methods:
         t0 = time.perf_counter()
         mc = dip_mcdo(
@@ -131,6 +154,7 @@ def run_image(x, n_angles, noise, args, seed):
         )
         times["DIP-MCDO"] = time.perf_counter() - t0
         out["DIP-MCDO"] = evaluate_uq(mc, x, delta=delta)
+        out["DIP-MCDO"]["mean_var"] = float(mc.std.double().pow(2).mean())
     out["seconds"] = times
     return out
 
@@ -156,7 +180,14 @@ def summarise(rows: list[dict]) -> dict:
             },
             "psnr": ms([h["psnr"] for h in have]),
             "coverage_90": ms([h["coverage"]["0.9"] for h in have]),
+            "mean_var": ms([h.get("mean_var") for h in have]),
+            "noise_var": ms([h.get("noise_var") for h in have]),
         }
+    summary["delta"] = {
+        k: ms([r["delta"][k] for r in rows if "delta" in r])
+        for k in ("rank", "true_sigma2", "rcond_1e-3", "dip_mse")
+    }
+    summary["true_noise_var"] = ms([r["true_noise_var"] for r in rows])
     summary["seconds"] = {
         k: ms([r["seconds"][k] for r in rows if k in r["seconds"]])
         for k in ("DIP", "lin-DIP EM", "lin-DIP MLL", "lin-DIP TV-MAP", "DIP-MCDO")
@@ -166,6 +197,7 @@ def summarise(rows: list[dict]) -> dict:
 
 def table(results: dict) -> str:
     fmt = lambda v: "n/a" if v is None else f"{v[0]:.3f} ± {v[1]:.3f}"  # noqa: E731
+    sci = lambda v: "n/a" if v is None else f"{v[0]:.3g} ± {v[1]:.2g}"  # noqa: E731
     lines = [
         "| setting | method | test LL (exact) | patch LL p=1 | p=2 | p=10 | PSNR | 90% coverage |",
         "|---|---|---|---|---|---|---|---|",
@@ -180,6 +212,21 @@ def table(results: dict) -> str:
                 f"{fmt(r['patch_ll_2'])} | {fmt(r['patch_ll_10'])} | {fmt(r['psnr'])} | "
                 f"{fmt(r['coverage_90'])} |"
             )
+    lines += [
+        "",
+        "| setting | discrepancy rank k | δ (k, true σ²) | δ (rcond 1e-3) | DIP mse | "
+        "mean var EM | mean var MCDO | true σ² | EM σ² |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for setting, s in results.items():
+        d = s.get("delta", {})
+        lines.append(
+            f"| {setting} | {fmt(d.get('rank'))} | {sci(d.get('true_sigma2'))} | "
+            f"{sci(d.get('rcond_1e-3'))} | {sci(d.get('dip_mse'))} | "
+            f"{sci(s.get('lin-DIP EM', {}).get('mean_var'))} | "
+            f"{sci(s.get('DIP-MCDO', {}).get('mean_var'))} | {sci(s.get('true_noise_var'))} | "
+            f"{sci(s.get('lin-DIP EM', {}).get('noise_var'))} |"
+        )
     lines += [
         "",
         "| setting | DIP s | lin-DIP EM s | lin-DIP MLL s | lin-DIP TV-MAP s | DIP-MCDO s |",
