@@ -206,10 +206,10 @@ def tied_evidence_maximiser(
         return loss
 
     opt.step(nll)
-    with torch.no_grad():
-        k = logs[0].exp() * S + logs[1].exp()
-        ev = -0.5 * float((c2 / k + k.log()).sum()) - 0.5 * S.numel() * math.log(2 * math.pi)
-    return float(logs[0].exp()), float(logs[1].exp()), ev
+    v, nv = logs.detach().exp()
+    k = v * S + nv
+    ev = -0.5 * float((c2 / k + k.log()).sum()) - 0.5 * S.numel() * math.log(2 * math.pi)
+    return float(v), float(nv), ev
 
 
 def _resolve_dip(y, operator, dip, net_input, generator, progress, ckpt: Path | None, resume=True):
