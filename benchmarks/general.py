@@ -1,17 +1,21 @@
 """Linearised Laplace for general networks: ours (streamed EM) vs laplace-torch, side by side.
 
-1. Digits (MLP, classification) and diabetes (MLP, regression): one MAP network each, shared by
+1. Digits (MLP, classification; clean, and with 20 % label noise in train and test, where the
+   MAP network is overconfident) and diabetes (MLP, regression): one MAP network each, shared by
    both sides; test NLL / ECE / accuracy (classification) or NLL / RMSE (regression) and wall
    time. laplace-torch: full and KFAC GGN, prior precision by ``marglik``, GLM predictive
    (probit). Ours: ``Laplace(..., prior="scalar")`` + EM (which also fits σ for regression).
-2. Scaling: a ResNet-18-shaped network with BatchNorm on 32×32 synthetic images, growing
-   numbers of data points and classes: time per EM cycle and peak resident memory (each
-   configuration in a fresh process), and what laplace-torch does on the same network.
+2. Scaling: a ResNet-18 (width 64, 11.2M weights; ``--width``) with BatchNorm on 32×32
+   synthetic images, growing numbers of data points and classes (``--sizes``): time per EM
+   cycle and peak resident memory (each configuration in a fresh process), and what
+   laplace-torch does on the same network. Every worker runs under an address-space cap
+   (``--mem-gb``, RLIMIT_AS), so an out-of-memory attempt fails cleanly with an error.
 
 laplace-torch is optional: give its interpreter with ``--laplace-python`` (a separate venv; it is
 never a dependency of dip-uq). Without it only our side runs.
 
     python benchmarks/general.py --quick
+    python benchmarks/general.py --only scaling --sizes 16x10,48x10 --k-scaling 2 --cg-iter 1
     python benchmarks/general.py --laplace-python /tmp/benchvenv/bin/python
 """
 
@@ -40,15 +44,16 @@ sys.path.insert(0, str(ROOT))
 def _data(task: str, n_train=None):
     from dip_uq.examples import diabetes_loaders, digits_loaders
 
-    if task == "digits":
-        return digits_loaders(128, n_train=n_train)
+    if task.startswith("digits"):
+        noise = 0.2 if task == "digits-noisy" else 0.0
+        return digits_loaders(128, n_train=n_train, label_noise=noise)
     return diabetes_loaders(64)
 
 
 def _make(task: str, classes: int = 10, width: int = 8):
     from dip_uq.examples import MLP, ResNet18ish
 
-    if task == "digits":
+    if task.startswith("digits"):
         return MLP(64, 10, (50,))
     if task == "diabetes":
         return MLP(10, 1, (50,))
@@ -81,7 +86,9 @@ def worker_ours(cfg: dict) -> dict:
     torch.set_num_threads(cfg.get("threads", 1))
     if cfg["task"] == "resnet":
         net = _make("resnet", cfg["classes"], cfg["width"]).eval()
-        loader = DataLoader(synthetic_images(cfg["n"], cfg["classes"]), batch_size=32)
+        loader = DataLoader(
+            synthetic_images(cfg["n"], cfg["classes"]), batch_size=cfg.get("batch", 32)
+        )
         la = Laplace(
             net,
             "classification",
@@ -137,7 +144,9 @@ def worker_laplace_torch(cfg: dict) -> dict:
         from dip_uq.examples import synthetic_images
 
         net = _make("resnet", cfg["classes"], cfg["width"]).eval()
-        loader = DataLoader(synthetic_images(cfg["n"], cfg["classes"]), batch_size=32)
+        loader = DataLoader(
+            synthetic_images(cfg["n"], cfg["classes"]), batch_size=cfg.get("batch", 32)
+        )
         hs = cfg["hs"]
         t0 = time.perf_counter()
         try:
@@ -176,7 +185,11 @@ def worker_laplace_torch(cfg: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- driver
-def _run(python: str, role: str, cfg: dict, timeout: float) -> dict:
+def _run(python: str, role: str, cfg: dict, timeout: float, mem_gb: float | None = None) -> dict:
+    """One worker in a fresh process; ``mem_gb`` caps its address space (RLIMIT_AS), so an
+    out-of-memory run fails with a MemoryError/RuntimeError instead of exhausting a shared
+    machine."""
+    cfg = {**cfg, "mem_gb": mem_gb}
     cmd = [python, __file__, "--worker", role, "--config", json.dumps(cfg)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
@@ -190,6 +203,12 @@ def _run(python: str, role: str, cfg: dict, timeout: float) -> dict:
         )
         return {"error": f"{kind}: {tail[0][:200]}"}
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def _limit_memory(mem_gb: float | None) -> None:
+    if mem_gb:
+        lim = int(mem_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
 
 
 def _has_laplace(python: str | None) -> bool:
@@ -207,14 +226,21 @@ def main() -> None:
     ap.add_argument("--laplace-python", default=None, help="interpreter with laplace-torch")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument(
-        "--max-dense-gb", type=float, default=4.0, help="skip dense GGNs larger than this"
+        "--mem-gb", type=float, default=6.0, help="address-space cap of every worker (GiB)"
     )
+    ap.add_argument("--width", type=int, default=None, help="ResNet width (default 64; quick 4)")
+    ap.add_argument("--sizes", default=None, help="scaling sizes, e.g. 32x10,128x100 (n x classes)")
+    ap.add_argument("--k-scaling", type=int, default=2, help="samples K in the scaling run")
+    ap.add_argument("--cg-iter", type=int, default=1, help="CG passes per solve (scaling)")
+    ap.add_argument("--em-scaling", type=int, default=1, help="EM cycles (scaling)")
+    ap.add_argument("--batch", type=int, default=16, help="batch size (scaling)")
     ap.add_argument("--only", choices=("scores", "scaling"), default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         cfg = json.loads(args.config)
+        _limit_memory(cfg.get("mem_gb"))
         fn = worker_ours if args.worker == "ours" else worker_laplace_torch
         print("RESULT " + json.dumps(fn(cfg)), flush=True)
         return
@@ -228,21 +254,22 @@ def main() -> None:
     k = 16 if args.quick else 64
     with tempfile.TemporaryDirectory() as tmp:
         print("\n== digits (MLP 64-50-10) and diabetes (MLP 10-50-1): test scores ==")
-        for task in ("digits", "diabetes") if args.only != "scaling" else ():
+        tasks = ("digits", "digits-noisy", "diabetes") if args.only != "scaling" else ()
+        for task in tasks:
             torch.manual_seed(0)
             tr, _, (xt, yt) = _data(task)
             net = train(
                 _make(task),
                 tr,
-                "ce" if task == "digits" else "mse",
-                epochs=60 if task == "digits" else 200,
-                lr=1e-2 if task == "digits" else 1e-3,
+                "mse" if task == "diabetes" else "ce",
+                epochs=200 if task == "diabetes" else 60,
+                lr=1e-3 if task == "diabetes" else 1e-2,
             )
             weights = os.path.join(tmp, f"{task}.pt")
             torch.save(net.state_dict(), weights)
             with torch.no_grad():
                 f = net(xt)
-            if task == "digits":
+            if task != "diabetes":
                 map_s = _scores(task, torch.softmax(f, -1), yt)
             else:
                 resid = float(((f - yt) ** 2).mean())  # MAP with its test-optimal σ (optimistic)
@@ -260,11 +287,19 @@ def main() -> None:
         if args.only == "scores":
             return
         print("\n== scaling: ResNet-18-shaped (BatchNorm) on 32x32 synthetic images ==")
-        width = 4 if args.quick else 16
+        width = args.width or (4 if args.quick else 64)
         sizes = (
-            [(64, 10), (256, 10), (256, 100)]
-            if args.quick
-            else [(256, 10), (1024, 10), (1024, 100), (1024, 1000)]
+            [tuple(int(v) for v in sz.split("x")) for sz in args.sizes.split(",")]
+            if args.sizes
+            else (
+                [(64, 10), (256, 10), (256, 100)]
+                if args.quick
+                else [(16, 10), (48, 10), (16, 100), (16, 1000)]
+            )
+        )
+        print(
+            f"width {width}, K = {args.k_scaling}, {args.cg_iter} CG passes per solve, "
+            f"{args.mem_gb} GiB address-space cap per process; load average {os.getloadavg()}"
         )
         for n, c in sizes:
             cfg = {
@@ -272,22 +307,21 @@ def main() -> None:
                 "n": n,
                 "classes": c,
                 "width": width,
-                "k": 8 if args.quick else 16,
-                "em": 2,
-                "cg_iter": 5 if args.quick else 10,
+                "k": args.k_scaling,
+                "em": args.em_scaling,
+                "cg_iter": args.cg_iter,
+                "batch": args.batch,
             }
-            ours = _run(sys.executable, "ours", cfg, args.timeout)
-            print(f"n={n:5d} C={c:4d} ours: {json.dumps(_round(ours))}")
+            ours = _run(sys.executable, "ours", cfg, args.timeout, args.mem_gb)
+            print(f"n={n:5d} C={c:4d} ours: {json.dumps(_round(ours))}", flush=True)
             if not lt:
                 continue
             for hs in ("kron", "full"):
-                # a dense d×d float32 GGN on a shared machine: predict the failure, do not provoke it
-                need_gb = 4 * ours.get("d", 0) ** 2 / 2**30
-                if hs == "full" and need_gb > args.max_dense_gb:
-                    res = {"skipped": f"full GGN needs {need_gb:.1f} GiB > --max-dense-gb"}
-                else:
-                    res = _run(lt, "lt", {**cfg, "hs": hs}, args.timeout)
-                print(f"n={n:5d} C={c:4d} l-torch {hs}: {json.dumps(_round(res))}")
+                res = _run(lt, "lt", {**cfg, "hs": hs}, args.timeout, args.mem_gb)
+                if "d" in ours:
+                    res["dense_ggn_gib"] = round(4 * ours["d"] ** 2 / 2**30, 1)
+                print(f"n={n:5d} C={c:4d} l-torch {hs}: {json.dumps(_round(res))}", flush=True)
+        print(f"load average at the end {os.getloadavg()}")
 
 
 def _round(d):

@@ -151,6 +151,7 @@ def test_em_improves_digits_nll_over_fixed_prior():
     (On digits the evidence-optimal posterior is not better than the MAP network itself;
     see docs/laplace.md.)"""
     tr, trfit, (xt, yt) = digits_loaders(100, n_train=300)
+    torch.manual_seed(0)  # the initial weights
     net = train(MLP(64, 10, (16,)), tr, "ce", epochs=60, weight_decay=0)
     la = Laplace(
         net,
@@ -170,6 +171,26 @@ def test_em_improves_digits_nll_over_fixed_prior():
     nll_em = metrics.classification_nll(la(xt), yt)
     assert nll_em < nll_fixed - 0.1, (nll_em, nll_fixed)
     assert len(hist["prior_precision"]) == 3
+
+
+def test_em_improves_over_map_on_noisy_digits():
+    """Held-out split of digits with 20 % label noise (train and test): the MAP network (Adam,
+    weight decay 1e-4 = a weak Gaussian prior) memorises the noise and is overconfident; the
+    EM-fitted linearised Laplace improves test NLL over it (gap 0.30 ± 0.09 nats over split
+    seeds 0-4; here seed 0, gap ≈ 0.2). On clean digits the MAP is calibrated and EM does not beat it
+    (docs/laplace.md, "Where it helps")."""
+    tr, trfit, (xt, yt) = digits_loaders(100, n_train=300, label_noise=0.2)
+    torch.manual_seed(0)  # the initial weights
+    net = train(MLP(64, 10, (16,)), tr, "ce", epochs=100)
+    with torch.no_grad():
+        nll_map = metrics.classification_nll(torch.softmax(net(xt), -1), yt)
+    la = Laplace(net, "classification", prior="scalar", solver="exact", n_samples=16)
+    la.fit(trfit, generator=_gen(11))
+    la.optimize_prior_precision("em", n_steps=4)
+    nll_em = metrics.classification_nll(la(xt, link_approx="probit"), yt)
+    assert nll_em < nll_map - 0.05, (nll_em, nll_map)
+    lam = la.history["prior_precision"]
+    assert abs(float(lam[-1][0] / lam[-2][0]) - 1) < 0.05  # EM has settled
 
 
 def test_image_shaped_multi_output_regression():

@@ -22,14 +22,26 @@ def digits_loaders(
     test_fraction: float = 0.3,
     seed: int = 0,
     n_train: int | None = None,
+    label_noise: float = 0.0,
 ) -> tuple[DataLoader, DataLoader, tuple[torch.Tensor, torch.Tensor]]:
     """Digits as ``(B, 64)`` features (or ``(B, 1, 8, 8)`` images) scaled to [0, 1], labels
-    ``(B,)``. Returns (train loader shuffled, train loader in order for fitting, test tensors)."""
+    ``(B,)``. Returns (train loader shuffled, train loader in order for fitting, test tensors).
+
+    ``label_noise`` = q: every label (train and test alike, so the test split is a held-out
+    sample of the same noisy data set) is replaced with probability q by a class drawn
+    uniformly at random (seeded by ``seed``); an unregularised network memorises the noise and is
+    overconfident on held-out data."""
     from sklearn.datasets import load_digits
 
+    if not 0.0 <= label_noise <= 1.0:
+        raise ValueError(f"label_noise must be in [0, 1], got {label_noise}")
     ds = load_digits()
     x = torch.tensor(ds.data, dtype=torch.float32) / 16.0
     y = torch.tensor(ds.target, dtype=torch.long)
+    if label_noise > 0:
+        g = torch.Generator().manual_seed(10_000 + seed)
+        flip = torch.rand(len(y), generator=g) < label_noise
+        y[flip] = torch.randint(10, (int(flip.sum()),), generator=g)
     if images:
         x = x.reshape(-1, 1, 8, 8)
     tr, te = _split(len(y), test_fraction, seed)
