@@ -275,7 +275,9 @@ def protocol28():
 
 @pytest.mark.slow
 def test_protocol28_solvers_match_exact_std(protocol28):
-    """sgd and cg std maps within 10 % (median over pixels) of the dense exact posterior std."""
+    """cg std map (128 samples) within 10 % (median over pixels) of the dense exact posterior
+    std; sgd (8 samples: ~3000 steps of a batched JVP + VJP, ~1 s each on a CPU) within 10 % of
+    the exact samples drawn from the same noise, i.e. its own solver error."""
     from dip_uq.pipeline import exact_image_covariance
 
     p = protocol28
@@ -289,21 +291,35 @@ def test_protocol28_solvers_match_exact_std(protocol28):
     )
     base = reconstruct_with_uncertainty(p["y"], p["op"], solver="cg", n_samples=1, **kw)
     exact_std = exact_image_covariance(base.laplace).diagonal().sqrt().reshape(28, 28)
+    # the background (x = 0) saturates the output sigmoid: J ≈ 0 and std ≈ 0 on ~56 % of
+    # the pixels here; the comparison is over the others
     live = exact_std > 1e-6 * float(exact_std.max())
-    assert live.float().mean() > 0.5
-    for solver, opts in (("cg", {}), ("sgd", {"iterations": SGD28_ITERATIONS})):
-        res = reconstruct_with_uncertainty(
-            p["y"],
-            p["op"],
-            solver=solver,
-            n_samples=128,
-            sample_batch=128,
-            solver_opts=opts,
-            generator=torch.Generator().manual_seed(1),
-            **kw,
-        )
-        rel = (res.std[live].double() / exact_std[live] - 1).abs()
-        assert float(rel.median()) < 0.10, (solver, float(rel.median()))
+    assert live.float().mean() > 0.3
+    cg = reconstruct_with_uncertainty(
+        p["y"],
+        p["op"],
+        solver="cg",
+        n_samples=128,
+        sample_batch=128,
+        generator=torch.Generator().manual_seed(1),
+        **kw,
+    )
+    rel = (cg.std[live].double() / exact_std[live] - 1).abs()
+    assert float(rel.median()) < 0.10, float(rel.median())
+    same = dict(n_samples=8, sample_batch=8, **kw)
+    ref = reconstruct_with_uncertainty(
+        p["y"], p["op"], solver="exact", generator=torch.Generator().manual_seed(1), **same
+    )
+    sgd = reconstruct_with_uncertainty(
+        p["y"],
+        p["op"],
+        solver="sgd",
+        solver_opts={"iterations": SGD28_ITERATIONS},
+        generator=torch.Generator().manual_seed(1),
+        **same,
+    )
+    rel = (sgd.std[live] / ref.std[live] - 1).abs()
+    assert float(rel.median()) < 0.10, float(rel.median())
 
 
 @pytest.mark.slow
