@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -175,3 +176,142 @@ def test_sgd_reports_decreasing_objective_and_divergence_is_an_error():
         la.sample(2, "sgd", torch.Generator().manual_seed(0), lr=10.0, iterations=2000)
     with pytest.raises(FloatingPointError, match="diverged"):
         la.sample(2, "sdd", torch.Generator().manual_seed(0), lr=10.0, iterations=2000)
+
+
+# ---- the Nyström preconditioner: chunking, determinism, float32 robustness --------------
+def _ct32(prior_variance: float):
+    """The (c)-type problem in float32 (d = 1296, d_y = 100)."""
+    from test_laplace_problems import MatrixOperator, cnn_model
+
+    from dip_uq.laplace import Gaussian, LinearisedLaplace
+
+    g = torch.Generator().manual_seed(0)
+    model = cnn_model(8, 0).float()
+    z0 = torch.randn(1, 1, 12, 12, generator=g)
+    op = MatrixOperator(torch.randn(100, 144, generator=g) / 12, (1, 12, 12))
+    with torch.no_grad():
+        y = op(model(z0)) + 0.1 * torch.randn(1, 100, generator=g)
+    return LinearisedLaplace(
+        model,
+        Gaussian(0.01, operator=op),
+        z0,
+        y,
+        params="conv_weights",
+        prior_variance=prior_variance,
+    )
+
+
+class _MatrixSystem:
+    """Duck-typed system whose kernel GΣGᵀ is a given symmetric matrix (float32 products)."""
+
+    def __init__(self, K: torch.Tensor, dtype=torch.float32):
+        self.K, self.n_obs, self.dtype, self.device = K, K.shape[0], dtype, K.device
+        self.calls: list[int] = []
+
+    def gram_mv(self, a):
+        self.calls.append(a.shape[0])
+        return a @ self.K.to(a.dtype)
+
+    def kernel_mv(self, a):
+        return self.gram_mv(a) + a
+
+
+def _spectrum(n: int, eigs: torch.Tensor) -> torch.Tensor:
+    V, _ = torch.linalg.qr(
+        torch.randn(n, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    )
+    return (V * eigs) @ V.T
+
+
+def test_nystrom_chunks_probe_vectors_and_is_deterministic_by_default():
+    from dip_uq.laplace.solvers import nystrom_preconditioner
+
+    K = _spectrum(60, torch.logspace(3, -3, 60, dtype=torch.float64))
+    sys_a, sys_b = _MatrixSystem(K, torch.float64), _MatrixSystem(K, torch.float64)
+    pa, lam_a = nystrom_preconditioner(sys_a, rank=40, oversample=10, chunk_size=16)
+    pb, lam_b = nystrom_preconditioner(sys_b, rank=40, oversample=10, chunk_size=None)
+    assert sys_a.calls == [16, 16, 16, 2] and sys_b.calls == [50]
+    torch.testing.assert_close(lam_a, lam_b)  # same fixed-seed probes, chunked or not
+    v = torch.randn(3, 60, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(pa(v), pb(v))
+    # a different generator gives different probes (the default really is a fixed seed)
+    _, lam_c = nystrom_preconditioner(sys_a, 40, 10, torch.Generator().manual_seed(5))
+    assert not torch.equal(lam_c, lam_a)
+    # the top eigenvalues are those of K (rank 40 of a fast-decaying spectrum)
+    torch.testing.assert_close(
+        lam_a[:10], torch.logspace(3, -3, 60, dtype=torch.float64)[:10], rtol=1e-3, atol=0
+    )
+    with pytest.raises(ValueError, match="chunk_size"):
+        nystrom_preconditioner(sys_a, 10, chunk_size=0)
+
+
+def test_nystrom_never_fails_on_an_indefinite_float32_kernel():
+    """Round-off (or an unmatched adjoint) can make the probed core QᵀKQ indefinite beyond any
+    sensible shift: the eigh fallback must still give a finite SPD preconditioner that helps."""
+    from dip_uq.laplace.solvers import nystrom_preconditioner
+    from dip_uq.laplace.solvers.cg import batched_pcg
+
+    eigs = torch.logspace(4, -2, 80, dtype=torch.float64)
+    eigs[-5:] = -100.0  # beyond the largest shift eps·‖Y‖_F·10³ ≈ 4
+    K = _spectrum(80, eigs)
+    system = _MatrixSystem(K)
+    with pytest.raises(torch.linalg.LinAlgError):  # the plain Cholesky route fails here
+        Q = torch.linalg.qr(torch.randn(80, 80, dtype=torch.float64))[0]
+        torch.linalg.cholesky(0.5 * (Q.T @ K @ Q + (Q.T @ K @ Q).T))
+    precond, lam = nystrom_preconditioner(system, rank=80, oversample=0)
+    assert precond.info["method"] == "eigh"
+    assert bool(torch.isfinite(lam).all()) and float(lam.min()) >= 0
+    P = precond(torch.eye(80))
+    assert float(torch.linalg.eigvalsh(0.5 * (P + P.T).double()).min()) > 0
+    # it still preconditions the PSD part well: CG on K₊ + I converges much faster with it
+    Kp = _spectrum(80, eigs.clamp_min(0)) + torch.eye(80, dtype=torch.float64)
+    c = torch.randn(2, 80, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mv = lambda v: v @ Kp  # noqa: E731
+    _, it_p, _ = batched_pcg(mv, c, lambda v: precond(v.float()).double(), tol=1e-6)
+    _, it_0, _ = batched_pcg(mv, c, lambda v: v, tol=1e-6)
+    assert it_p < it_0 / 2, (it_p, it_0)
+
+
+def test_float32_preconditioned_cg_matches_float64():
+    """Including a kernel far below the unit noise (σ_b² = 1e-10), where forming GΣGᵀQ as
+    (GΣGᵀ + I)Q − Q in float32 made the Nyström core indefinite and its Cholesky fail."""
+    from dip_uq.laplace.solvers import nystrom_preconditioner
+
+    for pv in (0.05, 1e-10):
+        la32 = _ct32(pv)
+        la64 = copy.deepcopy(la32).double()
+        la64.fmodel.net.double()
+        s32, s64 = la32.system(), la64.system()
+        assert s32.dtype == torch.float32 and s64.dtype == torch.float64
+        _, lam32 = nystrom_preconditioner(s32, rank=90, oversample=10)
+        _, lam64 = nystrom_preconditioner(s64, rank=90, oversample=10)
+        top = slice(0, 20)
+        assert float(((lam32[top] - lam64[top]).abs() / lam64[top]).max()) < 1e-3
+        noise = draw_noise(s64, 4, torch.Generator().manual_seed(0))
+        ref = la64.sample(4, "exact", noise=noise).samples
+        noise32 = type(noise)(noise.xi.float(), noise.eps.float())
+        res = la32.sample(4, "cg", noise=noise32, tol=1e-5, precond_rank=90)
+        assert res.converged
+        assert float((res.samples.double() - ref).norm() / ref.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("solver", ["sgd", "cg", "sdd"])
+def test_callback_sees_current_samples_and_stops_the_run(solver):
+    la = _problem("ct")
+    g = torch.Generator().manual_seed(4)
+    noise = draw_noise(la.system(), 3, g)
+    ref = la.sample(3, "exact", noise=noise).samples
+    seen: list[tuple[int, float]] = []
+
+    def stop_at_1_percent(it, current):
+        seen.append((it, float((current() - ref).norm() / ref.norm())))
+        return seen[-1][1] < 0.01
+
+    opts = {**SOLVER_OPTS[solver], "callback": stop_at_1_percent}
+    if solver != "cg":
+        opts["check_every"] = 5
+    res = la.sample(3, solver, generator=g, noise=noise, **opts)
+    assert seen and seen[-1][1] < 0.01 and all(e >= 0.01 for _, e in seen[:-1])
+    assert res.iterations == seen[-1][0] < (3000 if solver != "cg" else 500)
+    # the run stopped where the callback said so: the returned draws are the ones it saw
+    assert abs(float((res.samples - ref).norm() / ref.norm()) - seen[-1][1]) < 1e-3

@@ -7,42 +7,111 @@ Woodbury: P⁻¹ v = v + U((Λ + 1)⁻¹ − 1)Uᵀ v.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .system import LinearSystem, Noise, SolverResult, draw_noise
 
-__all__ = ["sample_cg", "nystrom_preconditioner"]
+__all__ = ["sample_cg", "nystrom_preconditioner", "PRECOND_SEED"]
+
+PRECOND_SEED = 0  # seed of the probe matrix when no generator is given (deterministic default)
+_SHIFT_TRIES = 4  # Cholesky attempts with the shift ×10 each before the eigh fallback
+
+
+def _chunked(fn, a: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    """``fn`` applied to the rows of ``a`` ``(s, n)`` ``chunk_size`` rows at a time."""
+    if chunk_size is None or chunk_size >= a.shape[0]:
+        return fn(a)
+    return torch.cat([fn(a[i : i + chunk_size]) for i in range(0, a.shape[0], chunk_size)])
+
+
+def _nystrom_factor(Q: torch.Tensor, Y: torch.Tensor, eps: float):
+    """U ``(n, k)``, Λ ``(k,)`` with U Λ Uᵀ = Y (QᵀY)⁺ Yᵀ, the Nyström approximation of a PSD
+    K from Y = K Q (float64, Q orthonormal ``(n, s)``), and a dict saying how it was formed.
+
+    Stabilised as in the standard algorithm: Y_ν = Y + νQ, C = chol(Qᵀ Y_ν), B = Y_ν C⁻ᵀ,
+    U S Vᵀ = B, Λ = S² − ν. Y carries the round-off of the (possibly float32) kernel, so
+    Qᵀ Y_ν can be indefinite: the shift ν (from eps·‖Y‖_F) grows ×10 up to ``_SHIFT_TRIES``
+    times, then an eigendecomposition of Qᵀ Y_ν that drops its non-positive part is used
+    (B = Y_ν V₊ D₊^{-½}); this never fails.
+    """
+    scale = float(Y.norm())
+    if scale == 0.0:  # GΣGᵀ = 0 on the probes: the identity preconditioner
+        return Q[:, :0], Y.new_zeros(0), {"method": "zero", "shift": 0.0}
+    for k in range(_SHIFT_TRIES):
+        nu = eps * scale * 10.0**k
+        Yn = Y + nu * Q
+        core = Q.T @ Yn
+        core = 0.5 * (core + core.T)
+        C, info = torch.linalg.cholesky_ex(core)
+        if int(info) == 0:
+            B = torch.linalg.solve_triangular(C, Yn.T, upper=False).T
+            if bool(torch.isfinite(B).all()):
+                U, S, _ = torch.linalg.svd(B, full_matrices=False)
+                return U, (S**2 - nu).clamp_min(0.0), {"method": "cholesky", "shift": nu}
+    D, V = torch.linalg.eigh(core)
+    keep = D > eps * float(D.abs().max()) * D.shape[0]
+    if not bool(keep.any()):
+        return Q[:, :0], Y.new_zeros(0), {"method": "eigh", "shift": nu}
+    B = (Yn @ V[:, keep]) * D[keep].rsqrt()
+    U, S, _ = torch.linalg.svd(B, full_matrices=False)
+    return U, (S**2 - nu).clamp_min(0.0), {"method": "eigh", "shift": nu}
 
 
 def nystrom_preconditioner(
-    system: LinearSystem, rank: int = 200, oversample: int = 10, generator=None
+    system: LinearSystem,
+    rank: int = 200,
+    oversample: int = 10,
+    generator: torch.Generator | None = None,
+    *,
+    chunk_size: int | None = 32,
 ):
-    """Randomised Nyström eigendecomposition of GΣGᵀ; returns ``v -> P⁻¹ v`` on ``(K, n_obs)``."""
+    """Randomised Nyström eigendecomposition of GΣGᵀ; returns ``(apply, Λ)`` where
+    ``apply(v)`` = P⁻¹ v on ``(K, n_obs)`` and Λ ``(≤ rank,)`` are the eigenvalue estimates
+    (float64, descending). ``apply.info`` records the factorisation used and its shift.
+
+    The kernel is applied to the s = rank + oversample probe vectors ``chunk_size`` at a time
+    (None: all at once), so the peak memory is that of a ``chunk_size``-sample batch.
+    Without a ``generator`` the probes come from a fixed-seed generator (``PRECOND_SEED``) on
+    the system's device, so the preconditioner, hence CG, is deterministic by default.
+    Round-off in a float32 kernel cannot make it fail (see :func:`_nystrom_factor`).
+    """
+    if rank < 1 or oversample < 0:
+        raise ValueError(f"rank must be >= 1 and oversample >= 0, got {rank}, {oversample}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    if generator is None:
+        generator = torch.Generator(device=system.device).manual_seed(PRECOND_SEED)
     s = min(rank + oversample, system.n_obs)
     with torch.no_grad():
         omega = torch.randn(
             system.n_obs, s, generator=generator, dtype=torch.float64, device=system.device
         )
         Q, _ = torch.linalg.qr(omega)
-        Y = (system.kernel_mv(Q.T.to(system.dtype)).double() - Q.T).T  # (GΣGᵀ) Q, (n_obs, s)
-        nu = torch.finfo(system.dtype).eps * float(Y.norm())
-        Yn = Y + nu * Q
-        C = torch.linalg.cholesky(0.5 * (Q.T @ Yn + Yn.T @ Q))
-        B = torch.linalg.solve_triangular(C, Yn.T, upper=False).T
-        U, S, _ = torch.linalg.svd(B, full_matrices=False)
-        lam = (S**2 - nu).clamp_min(0.0)[:rank]
-        U = U[:, :rank]
+        # GΣGᵀ Q directly (not (GΣGᵀ + I)Q − Q, which loses small eigenvalues to round-off)
+        Y = _chunked(lambda a: system.gram_mv(a.to(system.dtype)).double(), Q.T, chunk_size).T
+        if not bool(torch.isfinite(Y).all()):
+            raise ValueError(
+                "cg preconditioner: the kernel product GΣGᵀQ has NaN or inf entries "
+                "(non-finite Jacobian products or hyperparameters)"
+            )
+        U, lam, info = _nystrom_factor(Q, Y, torch.finfo(system.dtype).eps)
+        lam, U = lam[:rank], U[:, :rank]
         coef = (1.0 / (lam + 1.0) - 1.0).to(system.dtype)
         U = U.to(system.dtype)
 
     def apply(v: torch.Tensor) -> torch.Tensor:
         return v + ((v @ U) * coef) @ U.T
 
+    apply.info = info
     return apply, lam
 
 
-def batched_pcg(matvec, c, precond, x0=None, tol=1e-6, max_iter=500):
-    """Solve A x = c for each row of ``c`` ``(K, n)``; returns x, iterations, residual trace."""
+def batched_pcg(matvec, c, precond, x0=None, tol=1e-6, max_iter=500, callback=None):
+    """Solve A x = c for each row of ``c`` ``(K, n)``; returns x, iterations, residual trace.
+
+    ``callback(it, x)`` runs after every iteration; returning True stops."""
     x = torch.zeros_like(c) if x0 is None else x0.clone()
     cnorm = c.norm(dim=1).clamp_min(1e-30)
     r = c - matvec(x) if x0 is not None else c.clone()
@@ -67,6 +136,8 @@ def batched_pcg(matvec, c, precond, x0=None, tol=1e-6, max_iter=500):
         beta = torch.where(active, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz))
         p = z + beta[:, None] * p
         rz = rz_new
+        if callback is not None and callback(it, x):
+            break
     return x, it, trace
 
 
@@ -82,19 +153,34 @@ def sample_cg(
     max_iter: int = 500,
     precond_rank: int = 200,
     oversample: int = 10,
+    precond_chunk_size: int | None = 32,
+    callback: Callable[[int, Callable[[], torch.Tensor]], bool] | None = None,
 ) -> SolverResult:
     """Matheron samples (or the mean ΣGᵀ(GΣGᵀ + I)⁻¹r) by preconditioned CG.
 
-    ``precond_rank = 0`` disables the preconditioner. ``init`` warm-starts α ``(K, n_obs)``.
+    ``precond_rank = 0`` disables the preconditioner; ``precond_chunk_size`` is the number of
+    probe vectors per kernel product while building it (bounds its memory). ``init``
+    warm-starts α ``(K, n_obs)``. The preconditioner draws its probes from ``generator``
+    (a fixed-seed generator when None), so results are deterministic under a seed.
+    ``callback(it, current)`` runs after every CG iteration with a function returning the
+    current θ ``(K, d)`` (one VJP); returning True stops the run.
     """
     if target is None:
         noise = noise or draw_noise(system, n, generator)
     with torch.no_grad():
         c, theta_p = system.dual_rhs(noise, target)
         if precond_rank > 0:
-            precond, _ = nystrom_preconditioner(system, precond_rank, oversample, generator)
+            precond, _ = nystrom_preconditioner(
+                system, precond_rank, oversample, generator, chunk_size=precond_chunk_size
+            )
         else:
             precond = lambda v: v  # noqa: E731
-        alpha, it, trace = batched_pcg(system.kernel_mv, c, precond, init, tol, max_iter)
+        hook = None
+        if callback is not None:
+
+            def hook(it, a):
+                return callback(it, lambda: theta_p + system.prior.cov_mv(system.Gt(a)))
+
+        alpha, it, trace = batched_pcg(system.kernel_mv, c, precond, init, tol, max_iter, hook)
         theta = theta_p + system.prior.cov_mv(system.Gt(alpha))
     return SolverResult(theta, it, trace, trace[-1] < tol, trace[-1], {"alpha": alpha})

@@ -9,6 +9,7 @@ incrementally, so each step costs one JVP and one VJP on the minibatch only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -32,11 +33,14 @@ def sample_sdd(
     averaging: float | None = None,
     tol: float = 1e-4,
     check_every: int = 50,
+    callback: Callable[[int, Callable[[], torch.Tensor]], bool] | None = None,
 ) -> SolverResult:
     """SDD samples θ = Lξ + ΣGᵀᾱ (or the mean with c = r).
 
     ``lr`` defaults to (B/n)/(λ_max(ĜĜᵀ) + 1); ``averaging`` r defaults to min(1, 100/T).
     ``batch_size`` counts data points (None = all: deterministic dual descent).
+    ``callback(it, current)`` is called every ``check_every`` iterations with a function
+    returning the current θ ``(K, d)`` (from the averaged iterate); True stops the run.
     """
     if target is None:
         noise = noise or draw_noise(system, n, generator)
@@ -88,6 +92,8 @@ def sample_sdd(
                     )
                 trace.append(res)
                 if res < tol:
+                    break
+                if callback is not None and callback(it, lambda s=s_avg: theta_p + s):
                     break
         s_final = cov_gt(avg)  # exact recompute, removes drift of the running products
         final = float(((system.G(s_final) + avg - c).norm(dim=1) / cnorm).mean())

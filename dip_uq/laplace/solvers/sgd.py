@@ -11,6 +11,7 @@ the curvature scaling). Nesterov momentum, optional Polyak averaging, warm start
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -34,12 +35,16 @@ def sample_sgd(
     batch_size: int | None = None,
     polyak: bool = False,
     check_every: int = 10,
+    callback: Callable[[int, Callable[[], torch.Tensor]], bool] | None = None,
 ) -> SolverResult:
     """Run Nesterov SGD on the K objectives together; returns θ = L u ``(K, d)``.
 
     ``lr`` defaults to 1/(λ_max(ĜᵀĜ) + 1) (power iteration). ``batch_size`` counts data
-    points (None = full batch). ``init`` is a warm start for u ``(K, d)``. Stops when the
+    points (None = full batch). ``init`` is a warm start for u ``(K, d)`` (default: ξ for
+    samples, 0 for the mean). Stops when the
     mean relative gradient ‖(ĜᵀĜ + I)u − b‖/‖b‖ < ``tol`` (checked every ``check_every``).
+    ``callback(it, current)`` is called at every check with a function returning the current
+    θ ``(K, d)``; returning True stops the run (e.g. once an error against a reference is met).
     """
     if target is None:
         noise = noise or draw_noise(system, n, generator)
@@ -60,9 +65,12 @@ def sample_sgd(
                 w = w - (t if idx is None else t[:, system.obs_index(idx)])
             return scale * system.Ghat_t(w, idx) + u - u0
 
-        u = u0.clone() if init is None else init.to(system.dtype).clone()
+        # samples start at the prior draw ξ: along an eigendirection of ĜᵀĜ with eigenvalue μ
+        # u* − ξ is O(1), while u₀ = ξ + Ĝᵀε is off by ~√μ (both exact where μ = 0)
+        start = noise.xi if t is None else u0
+        u = start.clone() if init is None else init.to(system.dtype).clone()
         vel = torch.zeros_like(u)
-        avg, n_avg = torch.zeros_like(u), 0
+        avg, n_avg = (torch.zeros_like(u) if polyak else None), 0  # K×d: only when used
         trace: list[float] = []
         objective: list[float] = []
         it = 0
@@ -90,6 +98,9 @@ def sample_sgd(
                 # objective ½uᵀPu − bᵀu = ½uᵀ(∇ − b), mean over samples (its gap shrinks to 0)
                 objective.append(float((0.5 * (look * (gr - b)).sum(1)).mean()))
                 if res < tol and not polyak:
+                    break
+                current = avg if (polyak and n_avg > 0) else u
+                if callback is not None and callback(it, lambda c=current: system.prior.sqrt_mv(c)):
                     break
         out = avg if (polyak and n_avg > 0) else u
         final = float(((system.primal_mv(out) - b).norm(dim=1) / bnorm).mean())

@@ -104,9 +104,13 @@ class LinearSystem:
         """Ĝᵀ w = Lᵀ Gᵀ w."""
         return self.prior.sqrt_t_mv(self.Gt(w, idx))
 
+    def gram_mv(self, a: torch.Tensor) -> torch.Tensor:
+        """G Σ Gᵀ a for ``a`` ``(K, n_obs)`` (the kernel without the unit noise)."""
+        return self.G(self.prior.cov_mv(self.Gt(a)))
+
     def kernel_mv(self, a: torch.Tensor) -> torch.Tensor:
         """(G Σ Gᵀ + I) a for ``a`` ``(K, n_obs)``."""
-        return self.G(self.prior.cov_mv(self.Gt(a))) + a
+        return self.gram_mv(a) + a
 
     def primal_mv(self, u: torch.Tensor) -> torch.Tensor:
         """(Ĝᵀ Ĝ + I) u for ``u`` ``(K, d)``."""
