@@ -90,6 +90,13 @@ def _add_uncertainty(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--em-cycles", type=int, default=10)
     p.add_argument("--em-samples", type=int, default=32)
     p.add_argument("--per-block", action="store_true", help="per-block EM prior variances")
+    p.add_argument(
+        "--precision",
+        default="float64",
+        choices=("float32", "float64"),
+        help="dtype of the linearised stage (float64: CT kernels GΣGᵀ are too badly "
+        "conditioned for float32 CG; the DIP fit stays float32)",
+    )
     p.add_argument("--ground-truth", type=Path, help="optional image file: adds metrics.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
@@ -306,6 +313,7 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
         em_cycles=args.em_cycles,
         em_samples=args.em_samples,
         tied=not args.per_block,
+        dtype=getattr(torch, args.precision),
         checkpoint_dir=out / "checkpoints",
         resume=args.resume,
         generator=torch.Generator().manual_seed(args.seed),
@@ -315,6 +323,8 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
     # sparse views (A^T A)^+ is dominated by tiny singular values and delta swamps the map)
     written = res.write_outputs(out, ground_truth=gt, spacing=tuple(volume.voxel_size))
     print(f"learned noise variance {res.noise_var:.4g}; median std {float(res.std.median()):.4g}")
+    for w in res.diagnostics["warnings"]:
+        print(f"WARNING: {w}")
     if written["metrics"] is not None:
         m = written["metrics"]
         print(

@@ -81,6 +81,8 @@ def test_uncertainty_command(tmp_path, capsys):
     res = UQResult.load(out / "result")
     assert res.std.shape == (16, 16) and float(res.std.min()) >= 0
     assert len(res.trajectories["noise_var"]) == 2
+    assert res.diagnostics["dtype"] == "float64"  # --precision default
+    assert isinstance(res.diagnostics["warnings"], list)
     # --resume finds every stage done and reproduces the map
     assert main(args + ["--resume"]) == 0
     torch.testing.assert_close(UQResult.load(out / "result").std, res.std)
