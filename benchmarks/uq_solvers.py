@@ -112,6 +112,17 @@ def std_errors(prob, dip, args) -> dict:
     out = {"exact_seconds": time.perf_counter() - t0}
     live = exact_std > 1e-6 * float(exact_std.max())
     out["live_pixels"] = int(live.sum())
+    same = None
+    if args.same_noise:  # exact samples from the same draws: isolates the solver's own error
+        same = reconstruct_with_uncertainty(
+            y,
+            op,
+            solver="exact",
+            n_samples=args.samples,
+            sample_batch=args.samples,
+            generator=torch.Generator().manual_seed(1),
+            **kw,
+        ).std
     for solver in args.solvers:
         opts = dict(SGD_OPTS, iterations=args.sgd_iterations) if solver == "sgd" else {}
         t0 = time.perf_counter()
@@ -130,6 +141,10 @@ def std_errors(prob, dip, args) -> dict:
         out[solver] = {
             "median_rel_std_error": float(rel.median()),
             "mean_ratio": float((res.std[live].double() / exact_std[live]).mean()),
+            "median_rel_error_vs_same_noise_exact": None
+            if same is None
+            else float((res.std[live] / same[live] - 1).abs().median()),
+            "sgd_momentum": res.diagnostics["sgd_momentum"],
             "seconds": time.perf_counter() - t0,
             "iterations": [x["iterations"] for x in b],
             "residual": [x["residual"] for x in b],
@@ -211,6 +226,9 @@ def main(argv=None) -> int:
     p.add_argument("--em-samples", type=int, default=64)
     p.add_argument("--skip-noise", action="store_true", help="only check (a)")
     p.add_argument("--em-exact", action="store_true", help="also EM with dense exact γ")
+    p.add_argument(
+        "--same-noise", action="store_true", help="(a) also against exact samples, same draws"
+    )
     p.add_argument("--mll", action="store_true", help="also the pipeline's dense MLL (slow)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", type=Path, default=Path("runs/uq_solvers_cache"))
