@@ -2,30 +2,40 @@
 
     .venv/bin/python benchmarks/laplace.py --threads 1             # 28^2 and 128^2
     .venv/bin/python benchmarks/laplace.py --quick --threads 1     # smoke run (< ~1 min)
-    .venv/bin/python benchmarks/laplace.py --large-samples 8       # fewer draws at 128^2
+    .venv/bin/python benchmarks/laplace.py --only 128^2 --json out.json   # one size
     .venv/bin/python benchmarks/laplace.py --readme benchmarks/README.md
 
-Per size (each measurement in a fresh subprocess, peak memory = its VmHWM):
+Per size (each measurement in a fresh subprocess, peak memory = its VmHWM; the load average
+is recorded at the start and end of each):
   1. DIP fit (methods §5 objective, Adam 1e-4, clip 1, TV): the time per iteration is measured
      on a short fit and multiplied by the methods' iteration budget (``REF_ITERS``; 41000 for
      20 angles at 5 % noise) to give the reference "DIP fit wall time". The short fit's
      weights are the linearisation point (the timings do not depend on how well it fitted).
+     The DIP step is timed again at the end of the run; both timings are reported and the
+     faster one is used for the ratios (stricter on shared machines).
   2. Linearised Laplace of the conv weights, one prior per U-Net block (``net.blocks()``):
      Matérn-½ on 3×3 filters, Normal on 1×1 convs (the engine's "matern" block kind). J is
      the Jacobian of the network output image (sigmoid included; the cost is the same as
      linearising before it).
      Fixed hyperparameters: σ² = the true noise variance, σ_b² = mean(θ*_b²) per block.
-  3. Reference: ``exact`` (dense dual, float64) when n_obs is small, else ``cg`` at tol 1e-8.
-  4. Per solver: the wall time until the voxelwise variance map of the K draws is within
-     ``TARGET`` (10 %) relative L2 error ‖v − v_ref‖/‖v_ref‖ of the reference map.
+  3. Reference map: ``exact`` (dense dual, float64) when n_obs is small; otherwise a long
+     ``cg`` run (to relative residual ``ref_tol``), whose own iterates give the cg row.
+  4. Per solver one run, stopped as soon as the voxelwise variance map of the K draws is
+     within ``TARGET`` (10 %) relative L2 error ‖v − v_ref‖/‖v_ref‖ of the reference map:
+     the solvers' ``callback`` computes the map every ``check_every`` iterations (every CG
+     iteration); the time of these checks is excluded, and the reported time is the solver
+     time up to the first check that met the target plus one map evaluation.
      All solvers share the *same* noise (ξ, ε) as the reference (the engine's shared-noise
      convention), so they target the same K draws and the error is solver error only;
      the Monte-Carlo error of K = 64 draws (~sqrt(2/64) = 18 % per pixel) cancels.
-     ``cg``: tolerances 0.3, 0.1, 0.03, ... from scratch; the time of the first run that meets
-     the target. ``sgd``/``sdd``: doubling iteration budgets, each segment warm-started from
-     the previous one (momentum restarts at segment boundaries); the time is the cumulative
-     solver time plus one variance-map evaluation.
-  5. One EM cycle (mode + K samples + M-step) with each solver at its target setting.
+     Step sizes: the engine defaults, lr = 1/(λ_max + 1) from power iteration on ĜᵀĜ (the
+     largest stable step of the primal (sgd) and of the dual (sdd) full-batch quadratic;
+     methods §2.1, §2.3), Nesterov momentum 0.9. The DIP has a single datum, so every batch
+     is full and SDD is deterministic dual descent: its iterate averaging, which only damps
+     minibatch noise, is off (r = 1).
+  5. One EM cycle (mode + K samples + M-step) with each solver at the iteration count that
+     met the target (``em_solvers``; at 128² only cg, the others being beyond the budget;
+     not run for a solver that did not reach the target).
 Targets: best solver ≤ 1× DIP fit; ``sgd`` ≤ 3× at 128²; peak memory ≤ 4× DIP training.
 """
 
@@ -50,6 +60,8 @@ from dip_uq.dip.trainer import fit_dip  # noqa: E402
 from dip_uq.dip.unet import UNet, UNetConfig, conv_weight_count  # noqa: E402
 from dip_uq.laplace import Gaussian, LinearisedLaplace, Welford, draw_noise  # noqa: E402
 from dip_uq.laplace.em import fit_em  # noqa: E402
+from dip_uq.laplace.solvers import nystrom_preconditioner  # noqa: E402
+from dip_uq.laplace.solvers.cg import batched_pcg  # noqa: E402
 from operators import Parallel2D, RayTransform, VolumeGeometry  # noqa: E402
 from operators.noise import add_gaussian_noise  # noqa: E402
 from operators.phantoms import random_ellipses  # noqa: E402
@@ -72,11 +84,23 @@ class Case:
     dip_iterations: int = 200  # iterations actually run to time a DIP step
     solvers: tuple[str, ...] = ("exact", "cg", "sgd", "sdd")
     reference: str = "exact"
-    max_iterations: int = 3200  # cap for sgd/sdd budgets
-    max_solver_s: float = 1800.0  # stop a solver's sweep beyond this much wall time
+    max_iterations: int = 3200  # cap for sgd/sdd
+    max_solver_s: float = 1800.0  # stop a solver beyond this much solver time
+    check_every: int = 5  # sgd/sdd iterations between variance-map checks
+    ref_tol: float = 1e-3  # relative residual of the cg reference (when reference == "cg")
+    max_ref_s: float = 1500.0  # ... or this much cg time, whichever comes first
+    em_solvers: tuple[str, ...] = ("exact", "cg", "sgd", "sdd")
     seed: int = 0
     chunk_size: int | None = None  # vmap chunk for J products (bounds peak memory)
     extra: dict = field(default_factory=dict)
+
+
+def load_avg() -> float:
+    """1-minute load average (nan where unavailable)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return math.nan
 
 
 def vm_hwm_mb() -> float:
@@ -124,6 +148,8 @@ def prepare(case: Case, path: Path) -> dict:
     os.replace(tmp, path)
     return {
         "dip_step_s": step,
+        "dip_step_start_s": step,
+        "load_start": load_avg(),
         "dip_fit_s": step * REF_ITERS,
         "dip_peak_mb": vm_hwm_mb(),
         "weights": conv_weight_count(res.net),
@@ -143,7 +169,7 @@ def retime_dip(case: Case, path: Path) -> dict:
     fit_dip(
         op, data["y"], net=net, tv_weight=TV_WEIGHT, iterations=case.dip_iterations, progress=False
     )
-    return {"dip_step_s": (time.perf_counter() - t0) / case.dip_iterations}
+    return {"dip_step_s": (time.perf_counter() - t0) / case.dip_iterations, "load": load_avg()}
 
 
 def load_laplace(case: Case, path: Path) -> LinearisedLaplace:
@@ -180,91 +206,165 @@ def variance_map(la: LinearisedLaplace, z: torch.Tensor) -> torch.Tensor:
     return Welford().update(la.functional_samples(z)).second_moment()
 
 
+class Monitor:
+    """Solver callback: the variance map of the current draws against ``ref`` every check.
+
+    Its own time (θ from the solver state, the map, the error) is excluded from the solver
+    time; ``hit`` = (iteration, solver time + one map, error) of the first check within
+    ``TARGET``. Stops the solver at the hit (``stop``) or beyond ``cap_s`` of solver time.
+    ``ref = None`` keeps every map instead (for a reference built from the same run).
+    """
+
+    def __init__(self, la, ref, cap_s: float, stop: bool = True, log=None) -> None:
+        self.la, self.ref, self.cap_s, self.stop, self.log = la, ref, cap_s, stop, log
+        self.trail: list[tuple[int, float, float, float]] = []  # it, solver s, map s, err
+        self.maps: list[torch.Tensor] = []
+        self.hit: tuple[int, float, float] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.t0, self.overhead = time.perf_counter(), 0.0
+
+    def __call__(self, it: int, current) -> bool:
+        t = time.perf_counter()
+        solver_s = t - self.t0 - self.overhead
+        v = variance_map(self.la, current())
+        map_s = time.perf_counter() - t
+        err = math.nan if self.ref is None else _rel_err(v, self.ref)
+        if self.ref is None:
+            self.maps.append(v)
+        self.trail.append((it, solver_s, map_s, err))
+        if self.hit is None and err <= TARGET:
+            self.hit = (it, solver_s + map_s, err)
+        if self.log:
+            self.log(f"it={it} solver {solver_s:.1f} s map {map_s:.1f} s err {err:.4f}")
+        self.overhead += time.perf_counter() - t
+        return (self.stop and self.hit is not None) or solver_s > self.cap_s
+
+
+def _progress(case: Case, solver: str):
+    def log(msg: str) -> None:
+        print(
+            f"  [{case.name} {solver}] {msg} (load {load_avg():.1f})", file=sys.stderr, flush=True
+        )
+
+    return log
+
+
 def reference(case: Case, path: Path, ref_path: Path) -> dict:
+    """The reference map; with a cg reference also the cg row, from the same run's iterates."""
+    load0 = load_avg()
     la = load_laplace(case, path)
     noise = _noise(la, case)
-    t0 = time.perf_counter()
     if case.reference == "exact":
+        t0 = time.perf_counter()
         res = la.sample(case.samples, "exact", noise=noise)
-    else:
-        res = la.sample(case.samples, "cg", noise=noise, tol=1e-8, max_iter=2000)
-    var = variance_map(la, res.samples)
-    secs = time.perf_counter() - t0
+        var = variance_map(la, res.samples)
+        torch.save(var, ref_path)
+        return {"reference": "exact", "ref_s": time.perf_counter() - t0, "ref_residual": 0.0}
+    _warm_up(la, case)
+    # the engine's cg, spelled out to keep every iterate α_t (K × n_obs, cheap); their maps
+    # (one VJP + one JVP each) are formed afterwards, only until one is within the target
+    system = la.system()
+    alphas: list[tuple[int, float, torch.Tensor]] = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        c, theta_p = system.dual_rhs(noise, None)
+        precond, _ = nystrom_preconditioner(system)
+        start = time.perf_counter()
+
+        def keep(it, a):
+            alphas.append((it, time.perf_counter() - t0, a.clone()))
+            _progress(case, "cg reference")(f"it={it} solver {alphas[-1][1]:.1f} s")
+            return time.perf_counter() - t0 > case.max_ref_s
+
+        alpha, iters, trace = batched_pcg(
+            system.kernel_mv, c, precond, tol=case.ref_tol, max_iter=200, callback=keep
+        )
+        ref_s = time.perf_counter() - t0
+        theta = lambda a: theta_p + system.prior.cov_mv(system.Gt(a))  # noqa: E731
+        var = variance_map(la, theta(alpha))
     torch.save(var, ref_path)
-    return {"reference": case.reference, "ref_s": secs, "ref_residual": res.residual}
+    trail, hit = [], None
+    for it, secs, a in alphas:
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            err = _rel_err(variance_map(la, theta(a)), var)
+        trail.append((it, secs, time.perf_counter() - t1, err))
+        if err <= TARGET:
+            hit = (it, secs + trail[-1][2], err)
+            break
+    row = _row("cg", hit, trail, {"tol": case.ref_tol, "iterations": iters})
+    row.update(peak_mb=vm_hwm_mb(), load=(load0, load_avg()), precond_s=start - t0)
+    return {
+        "reference": f"cg to residual {trace[-1]:.2g} ({iters} it, {ref_s:.0f} s)",
+        "ref_s": ref_s,
+        "ref_residual": trace[-1],
+        "cg_row": row,
+    }
 
 
 def _rel_err(v: torch.Tensor, ref: torch.Tensor) -> float:
     return float((v.double() - ref.double()).norm() / ref.double().norm())
 
 
+def _warm_up(la: LinearisedLaplace, case: Case) -> None:
+    """vmap/functorch set-up outside the timings, as the DIP timing has a warm-up."""
+    with torch.no_grad():
+        system = la.system()
+        k = min(case.samples, case.chunk_size or case.samples)
+        la.functional_samples(system.Gt(system.G(torch.zeros(k, la.d))))
+
+
+def _row(solver: str, hit, trail, setting: dict) -> dict:
+    last = trail[-1] if trail else (0, math.nan, 0.0, math.nan)
+    return {
+        "solver": solver,
+        "reached": hit is not None,
+        "iterations": hit[0] if hit else last[0],
+        "time_s": hit[1] if hit else last[1] + last[2],
+        "final_err": hit[2] if hit else last[3],
+        "setting": setting,
+        "trail": [tuple(round(x, 4) for x in t) for t in trail],
+    }
+
+
 def solver_run(case: Case, solver: str, path: Path, ref_path: Path, em: bool = True) -> dict:
-    """Time-to-target for ``solver``, then one EM cycle at the setting that met it."""
+    """Time to target for ``solver`` (one run, stopped at the target), then one EM cycle at
+    the iteration count that met it (or the last one reached)."""
+    load0 = load_avg()
     la = load_laplace(case, path)
     ref = torch.load(ref_path)
     noise = _noise(la, case)
     K = case.samples
-    trail: list[tuple[str, float, float]] = []
-    reached, secs, opts = False, math.inf, {}
-    with torch.no_grad():  # warm-up (vmap/functorch set-up), as the DIP timing has one
-        system = la.system()
-        la.functional_samples(system.Gt(system.G(torch.zeros(K, la.d))))
-
+    _warm_up(la, case)
+    mon = Monitor(la, ref, case.max_solver_s, log=_progress(case, solver))
     if solver == "exact":
-        t0 = time.perf_counter()
         z = la.sample(K, "exact", noise=noise).samples
-        err = _rel_err(variance_map(la, z), ref)
-        secs = time.perf_counter() - t0
-        reached = err <= TARGET
-        trail.append(("exact", secs, err))
+        mon(0, lambda: z)
+        em_opts = None
     elif solver == "cg":
-        for tol in CG_TOLS:
-            t0 = time.perf_counter()
-            res = la.sample(K, "cg", noise=noise, tol=tol, max_iter=1000)
-            err = _rel_err(variance_map(la, res.samples), ref)
-            elapsed = time.perf_counter() - t0
-            trail.append((f"tol={tol:g} it={res.iterations}", elapsed, err))
-            opts = {"tol": tol, "max_iter": 1000}
-            if err <= TARGET:
-                reached, secs = True, elapsed
-                break
-            if elapsed > case.max_solver_s:
-                break
+        res = la.sample(K, "cg", noise=noise, tol=1e-6, max_iter=500, callback=mon)
+        it = mon.hit[0] if mon.hit else res.iterations
+        em_opts = {"tol": 1e-12, "max_iter": max(it, 1)}
     elif solver in ("sgd", "sdd"):
-        total, done, step, init, lr = 0.0, 0, 25, None, None
-        while done < case.max_iterations:
-            kw = {"iterations": step, "tol": 0.0, "check_every": step}
-            if lr is not None:
-                kw["lr"] = lr
-            t0 = time.perf_counter()
-            res = la.sample(K, solver, noise=noise, init=init, **kw)
-            total += time.perf_counter() - t0
-            done += step
-            init = res.state["u" if solver == "sgd" else "alpha"]
-            lr = res.state["lr"]
-            t0 = time.perf_counter()
-            err = _rel_err(variance_map(la, res.samples), ref)
-            map_s = time.perf_counter() - t0
-            trail.append((f"it={done}", total + map_s, err))
-            opts = {"iterations": done, "tol": 0.0, "check_every": done, "lr": lr}
-            if err <= TARGET:
-                reached, secs = True, total + map_s
-                break
-            if total > case.max_solver_s:
-                break
-            step = done  # doubling
+        kw = {"averaging": 1.0} if solver == "sdd" else {}
+        res = la.sample(
+            K,
+            solver,
+            noise=noise,
+            iterations=case.max_iterations,
+            tol=0.0,
+            check_every=case.check_every,
+            callback=mon,
+            **kw,
+        )
+        it = mon.hit[0] if mon.hit else res.iterations
+        em_opts = {"iterations": it, "tol": 0.0, "check_every": it, "lr": res.state["lr"], **kw}
     else:
         raise ValueError(f"unknown solver {solver!r}")
-
-    out = {
-        "solver": solver,
-        "reached": reached,
-        "time_s": secs,
-        "final_err": trail[-1][2],
-        "trail": trail,
-    }
-    if em:
-        em_opts = opts  # the target setting, or the last one tried when none met it
+    out = _row(solver, mon.hit, mon.trail, em_opts or {})
+    if em and solver in case.em_solvers and (mon.hit is not None or solver == "exact"):
         t0 = time.perf_counter()
         fit_em(
             la,
@@ -272,25 +372,28 @@ def solver_run(case: Case, solver: str, path: Path, ref_path: Path, em: bool = T
             n_samples=K,
             solver=solver,
             generator=torch.Generator().manual_seed(case.seed + 2),
-            solver_opts=None if solver == "exact" else em_opts,
+            solver_opts=em_opts,
             tied_cycles=0,
         )
         out["em_cycle_s"] = time.perf_counter() - t0
     out["peak_mb"] = vm_hwm_mb()
+    out["load"] = (load0, load_avg())
     return out
 
 
 # ---------------------------------------------------------------------------- driver
 def _in_subprocess(task: str, case: Case, workdir: Path, threads: int | None, **kw) -> dict:
     spec = {"task": task, "case": asdict(case), "workdir": str(workdir), "threads": threads, **kw}
-    proc = subprocess.run(
+    proc = subprocess.run(  # stderr (progress lines, tracebacks) goes straight to ours
         [sys.executable, __file__, "--worker", json.dumps(spec)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
         text=True,
         check=False,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"{task} worker failed for {case.name}:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{task} worker failed for {case.name} (exit {proc.returncode}; see stderr)"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -304,6 +407,8 @@ def _task(task: str, case: Case, workdir: Path, **kw) -> dict:
         return reference(case, prob, ref)
     if task == "solver":
         return solver_run(case, kw["solver"], prob, ref, kw.get("em", True))
+    if task == "em":
+        return em_cycle(case, kw["solver"], prob, kw["setting"])
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -328,29 +433,39 @@ def run_case(
     log(
         f"[{case.name}] DIP: {dip['weights']} weights, {dip['n_obs']} obs, "
         f"{1e3 * dip['dip_step_s']:.2f} ms/it -> fit {dip['dip_fit_s']:.0f} s, "
-        f"peak {dip['dip_peak_mb']:.0f} MiB"
+        f"peak {dip['dip_peak_mb']:.0f} MiB, load {dip['load_start']:.1f}"
     )
     ref = call("reference")
     log(f"[{case.name}] reference {ref['reference']}: {ref['ref_s']:.1f} s")
     rows = []
     for s in case.solvers:
-        r = call("solver", solver=s, em=em)
+        if s == "cg" and "cg_row" in ref:  # the cg reference run's own iterates
+            r = dict(ref["cg_row"])
+            if em and "cg" in case.em_solvers:
+                e = call("em", solver="cg", setting=_em_setting(r))
+                r["em_cycle_s"] = e["em_cycle_s"]
+                r["peak_mb"] = max(r["peak_mb"], e["peak_mb"])
+        else:
+            r = call("solver", solver=s, em=em)
         r["time_ratio"] = r["time_s"] / dip["dip_fit_s"]
         r["peak_ratio"] = r["peak_mb"] / dip["dip_peak_mb"] if dip["dip_peak_mb"] else math.nan
         if "em_cycle_s" in r:
             r["em_ratio"] = r["em_cycle_s"] / dip["dip_fit_s"]
         log(
-            f"[{case.name}] {s}: reached={r['reached']} time {r['time_s']:.1f} s "
-            f"({r['time_ratio']:.3f}x DIP) err {r['final_err']:.3f} "
+            f"[{case.name}] {s}: reached={r['reached']} it={r['iterations']} "
+            f"time {r['time_s']:.1f} s ({r['time_ratio']:.3f}x DIP) err {r['final_err']:.3f} "
             f"EM {r.get('em_cycle_s', math.nan):.1f} s peak {r['peak_mb']:.0f} MiB "
-            f"({r['peak_ratio']:.2f}x) trail {r['trail']}"
+            f"({r['peak_ratio']:.2f}x) load {r.get('load')}"
         )
         rows.append(r)
-    again = call("retime")["dip_step_s"]
-    log(f"[{case.name}] DIP re-timed: {1e3 * again:.2f} ms/it")
-    if again < dip["dip_step_s"]:
-        factor = again / dip["dip_step_s"]
-        dip.update(dip_step_s=again, dip_fit_s=again * REF_ITERS)
+    again = call("retime")
+    dip["dip_step_end_s"], dip["load_end"] = again["dip_step_s"], again["load"]
+    log(
+        f"[{case.name}] DIP re-timed: {1e3 * again['dip_step_s']:.2f} ms/it, load {again['load']:.1f}"
+    )
+    if again["dip_step_s"] < dip["dip_step_s"]:
+        factor = again["dip_step_s"] / dip["dip_step_s"]
+        dip.update(dip_step_s=again["dip_step_s"], dip_fit_s=again["dip_step_s"] * REF_ITERS)
         for r in rows:
             r["time_ratio"] /= factor
             if "em_ratio" in r:
@@ -358,9 +473,32 @@ def run_case(
     return {"case": asdict(case), "dip": dip, "reference": ref, "solvers": rows}
 
 
+def _em_setting(row: dict) -> dict:
+    return {"tol": 1e-12, "max_iter": max(int(row["iterations"]), 1)}
+
+
+def em_cycle(case: Case, solver: str, path: Path, setting: dict) -> dict:
+    """One EM cycle with ``solver`` at ``setting`` (its own subprocess: its own peak)."""
+    la = load_laplace(case, path)
+    _warm_up(la, case)
+    t0 = time.perf_counter()
+    fit_em(
+        la,
+        n_cycles=1,
+        n_samples=case.samples,
+        solver=solver,
+        generator=torch.Generator().manual_seed(case.seed + 2),
+        solver_opts=setting,
+        tied_cycles=0,
+    )
+    return {"em_cycle_s": time.perf_counter() - t0, "peak_mb": vm_hwm_mb()}
+
+
 def cases(
-    quick: bool, large_samples: int, max_solver_s: float, chunk_size: int | None = None
+    quick: bool, large_samples: int, max_solver_s: float, chunk_size: int | None = 4
 ) -> list[Case]:
+    """28² (small preset, all solvers, exact reference) and 128² (cg reference; sgd/sdd
+    capped at ``max_solver_s`` of solver time; J products in vmap chunks of ``chunk_size``)."""
     small = {"channels": (32, 32, 32), "skip_channels": (0, 4, 4)}  # the ``small`` preset
     large = {
         "channels": (64,) * 5,
@@ -371,18 +509,22 @@ def cases(
         toy = {"channels": (8, 8), "skip_channels": (0, 2)}
         return [Case("16^2 toy", 16, 10, toy, samples=8, dip_iterations=10, max_iterations=400)]
     return [
-        Case("28^2", 28, 20, small, samples=64, dip_iterations=400),
+        Case("28^2", 28, 20, small, samples=64, dip_iterations=400, max_solver_s=max_solver_s),
         Case(
             "128^2",
             128,
             20,
             large,
             samples=large_samples,
-            dip_iterations=10,
+            dip_iterations=20,
             solvers=("cg", "sgd", "sdd"),
             reference="cg",
+            ref_tol=3e-3,
+            max_ref_s=900.0,
             max_iterations=800,
             max_solver_s=max_solver_s,
+            check_every=5,
+            em_solvers=("cg",),
             chunk_size=chunk_size,
         ),
     ]
@@ -395,25 +537,39 @@ def markdown(results: list[dict], threads: int | None, note: str = "") -> str:
         "Generated by `benchmarks/laplace.py` (see its docstring for the protocol). "
         f"CPU, torch threads = {threads or torch.get_num_threads()}. {note}".rstrip(),
         "",
-        "Time = wall time until the variance map of K draws is within 10 % relative L2 error "
-        "of the reference map built from the *same* noise draws; ratios are to the DIP fit "
-        f"wall time (time per DIP iteration × {REF_ITERS}, methods §5) and to DIP training's "
-        "peak memory (VmHWM of each subprocess, including the torch runtime).",
+        "Time = solver wall time until the variance map of K draws is within 10 % relative L2 "
+        "error of the reference map built from the *same* noise draws (checks excluded, one "
+        "map included); ratios are to the DIP fit wall time (time per DIP iteration × "
+        f"{REF_ITERS}, methods §5; the faster of the start and end timings) and to DIP "
+        "training's peak memory (VmHWM of each subprocess, including the torch runtime).",
         "",
-        "| size | weights | n_obs | K | DIP ms/it | DIP fit s | solver | reached | time s "
-        "| × DIP | rel. err | EM cycle s | EM × DIP | peak MiB | × DIP peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
         c, d = res["case"], res["dip"]
+        lines.append(
+            f"- {c['name']}: {d['weights']} weights, {d['n_obs']} measurements, K = "
+            f"{c['samples']}; DIP {1e3 * d['dip_step_start_s']:.1f} ms/it at the start, "
+            f"{1e3 * d.get('dip_step_end_s', math.nan):.1f} ms/it at the end -> fit "
+            f"{d['dip_fit_s']:.0f} s; DIP training peak {d['dip_peak_mb']:.0f} MiB; load "
+            f"average {d['load_start']:.1f} (start), {d.get('load_end', math.nan):.1f} (end); "
+            f"reference {res['reference']['reference']}."
+        )
+    lines += [
+        "",
+        "| size | solver | reached | it | time s | × DIP | rel. err | EM cycle s | EM × DIP "
+        "| peak MiB | × DIP peak | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        c = res["case"]
         for r in res["solvers"]:
+            load = r.get("load") or (math.nan, math.nan)
             lines.append(
-                f"| {c['name']} | {d['weights']} | {d['n_obs']} | {c['samples']} "
-                f"| {1e3 * d['dip_step_s']:.2f} | {d['dip_fit_s']:.0f} | {r['solver']} "
-                f"| {'yes' if r['reached'] else 'no'} | {r['time_s']:.1f} "
-                f"| {r['time_ratio']:.3f} | {r['final_err']:.3f} "
-                f"| {r.get('em_cycle_s', math.nan):.1f} | {r.get('em_ratio', math.nan):.3f} "
-                f"| {r['peak_mb']:.0f} | {r['peak_ratio']:.2f} |"
+                f"| {c['name']} | {r['solver']} | {'yes' if r['reached'] else 'no'} "
+                f"| {r['iterations']} | {r['time_s']:.1f} | {r['time_ratio']:.3f} "
+                f"| {r['final_err']:.3f} | {r.get('em_cycle_s', math.nan):.1f} "
+                f"| {r.get('em_ratio', math.nan):.3f} | {r['peak_mb']:.0f} "
+                f"| {r['peak_ratio']:.2f} | {load[0]:.1f}-{load[1]:.1f} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -442,13 +598,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--large-samples", type=int, default=64, help="K at 128^2")
-    ap.add_argument(
-        "--max-solver-s", type=float, default=1800.0, help="cap on one solver's sweep at 128^2"
-    )
-    ap.add_argument(
-        "--chunk-size", type=int, default=None, help="vmap chunk of J products at 128^2"
-    )
+    ap.add_argument("--max-solver-s", type=float, default=900.0, help="cap on one solver's time")
+    ap.add_argument("--chunk-size", type=int, default=4, help="vmap chunk of J products at 128^2")
     ap.add_argument("--only", choices=["28^2", "128^2"], default=None)
+    ap.add_argument("--solvers", default=None, help="comma-separated subset of the solvers")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--readme", type=Path, help="write the results section into this file")
     ap.add_argument("--note", default="", help="free text added to the README section")
@@ -472,6 +625,10 @@ def main() -> None:
         for c in cases(args.quick, args.large_samples, args.max_solver_s, args.chunk_size)
         if args.only in (None, c.name)
     ]
+    if args.solvers:
+        keep = tuple(args.solvers.split(","))  # in this order
+        for c in todo:
+            c.solvers = tuple(s for s in keep if s in c.solvers)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in todo:

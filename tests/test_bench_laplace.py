@@ -62,3 +62,33 @@ def test_readme_section_replaces_only_its_own(bench, tmp_path):
     assert "lead's text" in text and "## Operators\n\nmore" in text
     bench.write_readme_section(tmp_path / "new.md", "## Linearised Laplace (issue 4)\n\nx\n")
     assert (tmp_path / "new.md").read_text().startswith("# Benchmarks\n")
+
+
+def test_run_case_cg_reference_gives_the_cg_row(bench, tmp_path):
+    """The 128² protocol: a long cg run is the reference and its own iterates the cg row."""
+    case = bench.Case(
+        "toy",
+        8,
+        5,
+        {"channels": (4, 4), "skip_channels": (0, 1)},
+        samples=3,
+        dip_iterations=2,
+        max_iterations=60,
+        solvers=("cg", "sdd"),
+        reference="cg",
+        ref_tol=1e-6,
+        em_solvers=("cg",),
+        check_every=2,
+        chunk_size=2,
+    )
+    res = bench.run_case(case, tmp_path, subprocesses=False, log=lambda *_: None)
+    assert res["reference"]["reference"].startswith("cg to residual")
+    assert res["reference"]["ref_residual"] < 1e-6
+    rows = {r["solver"]: r for r in res["solvers"]}
+    cg = rows["cg"]
+    # the cg row: the first of the reference run's own iterates within the target
+    assert cg["reached"] and cg["final_err"] <= bench.TARGET and cg["em_cycle_s"] > 0
+    assert all(e > bench.TARGET for *_, e in cg["trail"][:-1])
+    assert rows["sdd"]["reached"] and "em_cycle_s" not in rows["sdd"]
+    assert all(r["load"] for r in rows.values())
+    assert res["dip"]["dip_step_end_s"] > 0
