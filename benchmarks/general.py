@@ -235,6 +235,9 @@ def main() -> None:
     ap.add_argument("--em-scaling", type=int, default=1, help="EM cycles (scaling)")
     ap.add_argument("--batch", type=int, default=16, help="batch size (scaling)")
     ap.add_argument("--only", choices=("scores", "scaling"), default=None)
+    ap.add_argument(
+        "--tasks", default="digits,digits-noisy,diabetes", help="score tasks, comma-separated"
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -254,7 +257,7 @@ def main() -> None:
     k = 16 if args.quick else 64
     with tempfile.TemporaryDirectory() as tmp:
         print("\n== digits (MLP 64-50-10) and diabetes (MLP 10-50-1): test scores ==")
-        tasks = ("digits", "digits-noisy", "diabetes") if args.only != "scaling" else ()
+        tasks = args.tasks.split(",") if args.only != "scaling" else ()
         for task in tasks:
             torch.manual_seed(0)
             tr, _, (xt, yt) = _data(task)
