@@ -56,6 +56,16 @@ class UQResult:
     def variance(self) -> torch.Tensor:
         return self.std**2
 
+    @property
+    def warnings(self) -> list[str]:
+        """Non-convergence warnings the pipeline recorded (empty when every solve converged)."""
+        return list(self.diagnostics.get("warnings", []))
+
+    @property
+    def converged(self) -> bool:
+        """True when no solver or EM non-convergence was recorded."""
+        return not self.warnings
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``result.npz`` and ``result.json`` into ``directory`` (atomically)."""
         from .dip.checkpoint import atomic_write_bytes, atomic_write_text
@@ -122,6 +132,8 @@ class UQResult:
 
             gt = torch.as_tensor(ground_truth).detach().cpu()
             metrics = evaluate_uq(self, gt, delta=delta)
+            # the metrics of an unconverged map must say so
+            metrics.update(converged=self.converged, warnings=self.warnings)
             images["|error|"] = np.abs(gt.numpy() - mean)
             calib = (metrics["calibration"]["expected"], metrics["calibration"]["observed"])
             files.append(

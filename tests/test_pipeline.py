@@ -212,6 +212,29 @@ def test_errors_are_named(problem):
         )
 
 
+def test_non_convergence_is_recorded_in_the_result(problem):
+    """A solver stopped early warns and the result carries it (never a silent map)."""
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        res = reconstruct_with_uncertainty(
+            problem["y"],
+            problem["op"],
+            dip=problem["dip"],
+            prior="normal",
+            hyper="em",
+            em_cycles=1,
+            em_samples=4,
+            solver="cg",
+            n_samples=4,
+            solver_opts={"max_iter": 1, "tol": 1e-12, "precond_rank": 0},
+            generator=torch.Generator().manual_seed(0),
+            progress=False,
+        )
+    assert not res.converged and res.diagnostics["converged"] is False
+    assert any("EM" in w for w in res.warnings)
+    assert any("sample batches did not converge" in w for w in res.warnings)
+    assert res.diagnostics["sample_batches"][0]["converged"] is False
+
+
 def test_resume_from_stage_checkpoints(problem, tmp_path):
     kw = dict(
         dip=problem["dip"],

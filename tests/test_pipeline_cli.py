@@ -83,6 +83,7 @@ def test_uncertainty_command(tmp_path, capsys):
     assert len(res.trajectories["noise_var"]) == 2
     assert res.diagnostics["dtype"] == "float64"  # --precision default
     assert isinstance(res.diagnostics["warnings"], list)
+    assert m["converged"] == res.converged and m["warnings"] == res.warnings
     # --resume finds every stage done and reproduces the map
     assert main(args + ["--resume"]) == 0
     torch.testing.assert_close(UQResult.load(out / "result").std, res.std)
