@@ -363,7 +363,12 @@ class Laplace(nn.Module):
         std = self._coord_std().detach()
         key = (std, self._noise_var())
         cache = getattr(self, "_chol_cache", None)
-        if cache is None or cache[1] != key[1] or not torch.equal(cache[0], std):
+        if (
+            cache is None
+            or cache[1] != key[1]
+            or cache[0].device != std.device
+            or not torch.equal(cache[0], std)
+        ):
             C, _ = robust_cholesky(self._dense_P())
             self._chol_cache = (std.clone(), key[1], C)
         return self._chol_cache[2]
