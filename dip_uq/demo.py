@@ -171,7 +171,7 @@ def _uncertainty(out: Path, op, y, x, res, quick: bool, g, progress: bool):
     # (CG stalled at residual ~1, the effective dimension exceeded n_obs and EM's σ² blew up
     # to 1e5 in the first cycle). A rank-100 Nyström preconditioner leaves a condition number
     # ~λ_101 ~ 10-100, so 100 CG iterations reach the 1e-3 tolerance.
-    opts = {"tol": 1e-3, "max_iter": 30 if quick else 100, "precond_rank": 8 if quick else 100}
+    opts = {"tol": 1e-3, "max_iter": 10 if quick else 100, "precond_rank": 8 if quick else 100}
     uq = reconstruct_with_uncertainty(
         y,
         op,
