@@ -35,6 +35,7 @@ from torch import nn
 
 from .laplace import Gaussian, LinearisedLaplace, Welford
 from .laplace.solvers import dense_factors, functional_covariance
+from .laplace.solvers.sgd import auto_momentum
 from .uq_result import UQResult
 
 __all__ = [
@@ -278,9 +279,7 @@ def _sgd_momentum(la: LinearisedLaplace) -> float:
     directions of intermediate curvature; on the 12×12 test problem (κ ≈ 1e5) 4000 steps at
     0.9 left the std 25 % high, at 0.99 within 0.02 % of the exact samples."""
     gen = torch.Generator(device=la.inputs.device).manual_seed(0)  # deterministic estimate
-    kappa = la.system().lambda_max(generator=gen) + 1.0
-    root = math.sqrt(kappa)
-    return float(min(max((root - 1.0) / (root + 1.0), 0.9), 0.999))
+    return auto_momentum(la.system().lambda_max(generator=gen))
 
 
 def _warn(notes: list[str], msg: str) -> None:

@@ -315,3 +315,48 @@ def test_callback_sees_current_samples_and_stops_the_run(solver):
     assert res.iterations == seen[-1][0] < (3000 if solver != "cg" else 500)
     # the run stopped where the callback said so: the returned draws are the ones it saw
     assert abs(float((res.samples - ref).norm() / ref.norm()) - seen[-1][1]) < 1e-3
+
+
+def test_cg_breakdown_freezes_the_row_with_a_warning():
+    """pᵀAp ≤ 0 (an indefinite 'SPD' matrix, as float32 round-off can produce) must not turn
+    into inf/NaN: that row keeps its last iterate and is reported unconverged; a healthy row
+    solved in the same batch still converges."""
+    from dip_uq.laplace.solvers.cg import batched_pcg
+
+    eigs = torch.tensor([1.0, 2.0, -3.0, 4.0], dtype=torch.float64)
+    bad = _spectrum(4, eigs)
+    good = _spectrum(4, eigs.abs())
+    c = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, -2.0, 0.5, 3.0]], dtype=torch.float64)
+
+    def mv(v):  # row 0 sees the indefinite matrix, row 1 the SPD one
+        return torch.stack([v[0] @ bad, v[1] @ good])
+
+    with pytest.warns(RuntimeWarning, match="breakdown"):
+        x, it, trace = batched_pcg(mv, c, lambda v: v, tol=1e-10, max_iter=50)
+    assert bool(torch.isfinite(x).all()) and all(math.isfinite(t) for t in trace)
+    torch.testing.assert_close(x[1], torch.linalg.solve(good, c[1]))
+    assert trace[-1] > 1e-10  # row 0 is not claimed converged
+    assert it < 50  # stops once only frozen rows are left
+
+
+def test_sgd_auto_momentum_follows_the_conditioning():
+    """momentum="auto" = (√κ−1)/(√κ+1), κ = λ_max + 1, clipped to [0.9, 0.999], is what the
+    solver uses, and it converges to the exact samples of the same draws."""
+    from dip_uq.laplace.solvers import get_solver
+    from dip_uq.laplace.solvers.sgd import auto_momentum
+
+    assert auto_momentum(0.0) == 0.9 and auto_momentum(1e12) == 0.999
+    assert auto_momentum(99.0) == 0.9  # √κ = 10 → 9/11 < 0.9
+    assert auto_momentum(1e4) == pytest.approx((math.sqrt(10001) - 1) / (math.sqrt(10001) + 1))
+    la = ct_like(side=12, n_meas=100, channels=8, noise=0.02, prior_variance=1.0)
+    system = la.system()
+    noise = draw_noise(system, 4, torch.Generator().manual_seed(0))
+    ref = get_solver("exact")(system, 4, noise=noise).samples
+    gen = torch.Generator().manual_seed(5)
+    res = get_solver("sgd")(system, 4, gen, noise=noise, iterations=3000, tol=0.0, momentum="auto")
+    lam = system.lambda_max(generator=torch.Generator().manual_seed(5))
+    assert res.state["momentum"] == pytest.approx(auto_momentum(lam), rel=1e-6)
+    assert res.state["momentum"] > 0.99  # κ ≈ 1.7e5 here
+    assert float((res.samples - ref).norm() / ref.norm()) < 1e-3
+    with pytest.raises(ValueError, match="momentum"):
+        get_solver("sgd")(system, 1, noise=noise, iterations=1, momentum=1.5)

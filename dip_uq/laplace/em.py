@@ -106,8 +106,10 @@ def fit_em(
         # The total γ is clipped after summing: clipping each block at 0 first would turn
         # the estimator's zero-mean noise in poorly determined blocks into a positive bias
         # (σ² too small with few samples). Clipped to [1, d], not d − 1: with well-determined
-        # weights γ → d and the clip would bias σ² away from the evidence maximiser.
-        gamma = float(gamma_b.sum().clamp(1.0, float(sel.d)))
+        # weights γ → d and the clip would bias σ² away from the evidence maximiser. Also
+        # γ ≤ rank M ≤ n_obs: unconverged samples can overshoot it, and σ² = r²/(n_obs − γ)
+        # must stay finite (the caller sees the raw γ_b in the history and can warn).
+        gamma = float(gamma_b.sum().clamp(1.0, float(max(1, min(sel.d, system.n_obs - 1)))))
         gamma_b = torch.minimum(gamma_b.clamp_min(1e-6), sizes)  # per-block updates only
 
         with torch.no_grad():

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from .sgd import auto_momentum
 from .system import LinearSystem, Noise, SolverResult, draw_noise
 
 __all__ = ["sample_sdd"]
@@ -27,7 +28,7 @@ def sample_sdd(
     noise: Noise | None = None,
     init: torch.Tensor | None = None,
     lr: float | None = None,
-    momentum: float = 0.9,
+    momentum: float | str = 0.9,
     iterations: int = 2000,
     batch_size: int | None = None,
     averaging: float | None = None,
@@ -38,6 +39,8 @@ def sample_sdd(
     """SDD samples θ = Lξ + ΣGᵀᾱ (or the mean with c = r).
 
     ``lr`` defaults to (B/n)/(λ_max(ĜĜᵀ) + 1); ``averaging`` r defaults to min(1, 100/T).
+    ``momentum``: ρ = 0.9 (methods §2.3); ``"auto"`` uses the conditioning-matched value of
+    :func:`~.sgd.auto_momentum` with full batches (plain dual Nesterov), 0.9 with minibatches.
     ``batch_size`` counts data points (None = all: deterministic dual descent).
     ``callback(it, current)`` is called every ``check_every`` iterations with a function
     returning the current θ ``(K, d)`` (from the averaged iterate); True stops the run.
@@ -51,8 +54,15 @@ def sample_sdd(
     with torch.no_grad():
         c, theta_p = system.dual_rhs(noise, target)
         cnorm = c.norm(dim=1).clamp_min(1e-30)
+        lam_max = None
+        if lr is None or (momentum == "auto" and full):
+            lam_max = system.lambda_max(generator=generator)
         if lr is None:
-            lr = frac / (system.lambda_max(generator=generator) + 1.0)
+            lr = frac / (lam_max + 1.0)
+        if momentum == "auto":
+            momentum = auto_momentum(lam_max) if full else 0.9
+        elif not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"momentum must be in [0, 1) or 'auto', got {momentum!r}")
         r_avg = averaging if averaging is not None else min(1.0, 100.0 / iterations)
         cov_gt = lambda a, idx=None: system.prior.cov_mv(system.Gt(a, idx))  # noqa: E731
         alpha = torch.zeros_like(c) if init is None else init.to(c.dtype).clone()

@@ -17,7 +17,13 @@ import torch
 
 from .system import LinearSystem, Noise, SolverResult, draw_noise
 
-__all__ = ["sample_sgd"]
+__all__ = ["sample_sgd", "auto_momentum"]
+
+
+def auto_momentum(lam_max: float) -> float:
+    """Nesterov momentum (√κ − 1)/(√κ + 1) for κ = λ_max(ĜᵀĜ) + 1, clipped to [0.9, 0.999]."""
+    root = math.sqrt(max(float(lam_max), 0.0) + 1.0)
+    return float(min(max((root - 1.0) / (root + 1.0), 0.9), 0.999))
 
 
 def sample_sgd(
@@ -29,7 +35,7 @@ def sample_sgd(
     noise: Noise | None = None,
     init: torch.Tensor | None = None,
     lr: float | None = None,
-    momentum: float = 0.9,
+    momentum: float | str = 0.9,
     iterations: int = 2000,
     tol: float = 1e-4,
     batch_size: int | None = None,
@@ -39,7 +45,14 @@ def sample_sgd(
 ) -> SolverResult:
     """Run Nesterov SGD on the K objectives together; returns θ = L u ``(K, d)``.
 
-    ``lr`` defaults to 1/(λ_max(ĜᵀĜ) + 1) (power iteration). ``batch_size`` counts data
+    ``lr`` defaults to 1/(λ_max(ĜᵀĜ) + 1) (power iteration). ``momentum="auto"`` is the
+    heavy-ball value for the objective's condition number κ = λ_max + 1 (its prior part is
+    the identity), (√κ − 1)/(√κ + 1) clipped to [0.9, 0.999]. Neither dominates: on a 12×12
+    DIP problem (κ ≈ 1e5) "auto" took the std from 25 % high to 0.02 % in 4000 steps where
+    0.9 did not; on the CT-like test problem with κ ≈ 3e6, 0.9 was 8× closer after 3000
+    steps; on the 28² benchmark neither reaches a 10 % variance map within the DIP fit's
+    time (DIP Jacobians have κ ~ 1e5-1e6; a preconditioner is what is missing).
+    ``batch_size`` counts data
     points (None = full batch). ``init`` is a warm start for u ``(K, d)`` (default: ξ for
     samples, 0 for the mean). Stops when the
     mean relative gradient ‖(ĜᵀĜ + I)u − b‖/‖b‖ < ``tol`` (checked every ``check_every``).
@@ -52,8 +65,15 @@ def sample_sgd(
         u0, t = system.primal_rhs(noise, target)
         b = u0 if t is None else u0 + system.Ghat_t(t)
         bnorm = b.norm(dim=1).clamp_min(1e-30)
+        lam_max = None
+        if lr is None or momentum == "auto":
+            lam_max = system.lambda_max(generator=generator)
         if lr is None:
-            lr = 1.0 / (system.lambda_max(generator=generator) + 1.0)
+            lr = 1.0 / (lam_max + 1.0)
+        if momentum == "auto":
+            momentum = auto_momentum(lam_max)
+        elif not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"momentum must be in [0, 1) or 'auto', got {momentum!r}")
         if batch_size is not None and batch_size < system.n_data and not system.per_datum:
             raise ValueError("minibatches need observations grouped by datum (leading dim = data)")
         full = batch_size is None or batch_size >= system.n_data
@@ -106,5 +126,10 @@ def sample_sgd(
         final = float(((system.primal_mv(out) - b).norm(dim=1) / bnorm).mean())
         theta = system.prior.sqrt_mv(out)
     return SolverResult(
-        theta, it, trace, final < 10 * tol, final, {"u": out, "lr": lr, "objective": objective}
+        theta,
+        it,
+        trace,
+        final < 10 * tol,
+        final,
+        {"u": out, "lr": lr, "momentum": momentum, "objective": objective},
     )
