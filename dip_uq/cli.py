@@ -319,8 +319,8 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
         generator=torch.Generator().manual_seed(args.seed),
         progress=not args.no_progress,
     )
-    # metrics of the linearised-DIP predictive itself (no backprojected-noise delta: with
-    # sparse views (A^T A)^+ is dominated by tiny singular values and delta swamps the map)
+    # metrics of the linearised-DIP predictive itself (no backprojected-noise delta: it needs
+    # a dense SVD of A, minutes already at 64^2; see metrics.discrepancy_rank for the rule)
     written = res.write_outputs(out, ground_truth=gt, spacing=tuple(volume.voxel_size))
     print(f"learned noise variance {res.noise_var:.4g}; median std {float(res.std.median()):.4g}")
     for w in res.diagnostics["warnings"]:
