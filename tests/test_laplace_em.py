@@ -225,3 +225,39 @@ def test_function_space_em_noise_variance_unbiased_with_32_samples():
     v = torch.tensor(finals, dtype=torch.float64)
     se = float(v.std()) / math.sqrt(len(finals))
     assert abs(float(v.mean()) - noise_ref) < 3 * se + 0.01 * noise_ref, (v, noise_ref)
+
+
+def test_cg_em_builds_one_preconditioner_per_cycle_with_unchanged_results(monkeypatch):
+    """EM's mode and sample solves share one Nyström build per cycle; with the default
+    fixed-seed probes the trajectories equal those of per-solve builds exactly."""
+    from dip_uq.laplace.solvers import cg
+
+    calls = []
+    real = cg.nystrom_preconditioner
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(cg, "nystrom_preconditioner", counting)
+    opts = {"tol": 1e-8, "max_iter": 200, "precond_rank": 20}
+    hists = []
+    for extra in ({}, {"precond": None}):  # None: let every solve build its own
+        la = ct_like(side=10, n_meas=60, channels=4, noise=0.1, prior_variance=0.05)
+        calls.clear()
+        hists.append(
+            fit_em(
+                la,
+                n_cycles=3,
+                n_samples=8,
+                solver="cg",
+                generator=torch.Generator().manual_seed(0),
+                solver_opts={**opts, **extra},
+            )
+        )
+        hists[-1].builds = len(calls)
+    shared, own = hists
+    assert shared.builds == 3 and own.builds == 6
+    for a, b in zip(shared.noise_var, own.noise_var):
+        assert a == pytest.approx(b, rel=1e-10)
+    torch.testing.assert_close(shared.prior_variance[-1], own.prior_variance[-1])

@@ -88,6 +88,11 @@ def fit_em(
         target = la.whitened_targets(system)
         factors = dense_factors(system) if solver == "exact" else None
         kw = {"factors": factors} if solver == "exact" else opts
+        if solver == "cg" and opts.get("precond_rank", 200) > 0 and "precond" not in opts:
+            # one preconditioner per cycle: the mode and sample solves share the
+            # hyperparameters, and with the same (default fixed-seed) probes it is the one
+            # each solve would have built, so the results are unchanged
+            kw = {**opts, "precond": _cycle_preconditioner(system, opts)}
         mode_res = solve(system, 1, target=target, init=mode_init, **kw)
         theta_lin = mode_res.samples[0]
         if estimator == "exact":
@@ -142,6 +147,19 @@ def fit_em(
         hist.sample_residual.append(sample_res.residual if sample_res is not None else 0.0)
         hist.converged.append(mode_res.converged and (sample_res is None or sample_res.converged))
     return hist
+
+
+def _cycle_preconditioner(system, opts: dict):
+    """The Nyström preconditioner :func:`sample_cg` would build with these options."""
+    from .solvers.cg import nystrom_preconditioner
+
+    apply, _ = nystrom_preconditioner(
+        system,
+        opts.get("precond_rank", 200),
+        opts.get("oversample", 10),
+        chunk_size=opts.get("precond_chunk_size", 32),
+    )
+    return apply
 
 
 def _lengthscale_mstep(prior, theta_lin, z, blocks, steps: int = 30, lr: float = 0.05) -> None:

@@ -173,6 +173,7 @@ def sample_cg(
     oversample: int = 10,
     precond_chunk_size: int | None = 32,
     callback: Callable[[int, Callable[[], torch.Tensor]], bool] | None = None,
+    precond: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SolverResult:
     """Matheron samples (or the mean ΣGᵀ(GΣGᵀ + I)⁻¹r) by preconditioned CG.
 
@@ -181,13 +182,17 @@ def sample_cg(
     warm-starts α ``(K, n_obs)``. The preconditioner draws its probes from ``generator``
     (a fixed-seed generator when None), so results are deterministic under a seed.
     ``callback(it, current)`` runs after every CG iteration with a function returning the
-    current θ ``(K, d)`` (one VJP); returning True stops the run.
+    current θ ``(K, d)`` (one VJP); returning True stops the run. ``precond``: a prebuilt
+    P⁻¹ (from :func:`nystrom_preconditioner` at the same hyperparameters) to reuse instead
+    of building one (EM's mode and sample solves of one cycle share it).
     """
     if target is None:
         noise = noise or draw_noise(system, n, generator)
     with torch.no_grad():
         c, theta_p = system.dual_rhs(noise, target)
-        if precond_rank > 0:
+        if precond is not None:
+            pass
+        elif precond_rank > 0:
             precond, _ = nystrom_preconditioner(
                 system, precond_rank, oversample, generator, chunk_size=precond_chunk_size
             )
