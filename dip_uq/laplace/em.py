@@ -88,7 +88,7 @@ def fit_em(
         target = la.whitened_targets(system)
         factors = dense_factors(system) if solver == "exact" else None
         kw = {"factors": factors} if solver == "exact" else opts
-        if solver == "cg" and opts.get("precond_rank", 200) > 0 and "precond" not in opts:
+        if solver == "cg" and opts.get("precond_rank", 1) > 0 and "precond" not in opts:
             # one preconditioner per cycle: the mode and sample solves share the
             # hyperparameters, and with the same (default fixed-seed) probes it is the one
             # each solve would have built, so the results are unchanged
@@ -150,14 +150,16 @@ def fit_em(
 
 
 def _cycle_preconditioner(system, opts: dict):
-    """The Nyström preconditioner :func:`sample_cg` would build with these options."""
-    from .solvers.cg import nystrom_preconditioner
+    """The Nyström preconditioner :func:`sample_cg` would build with these options (its own
+    defaults read from its signature, so the two cannot drift apart)."""
+    import inspect
 
+    from .solvers.cg import nystrom_preconditioner, sample_cg
+
+    defaults = {k: p.default for k, p in inspect.signature(sample_cg).parameters.items()}
+    o = {k: opts.get(k, defaults[k]) for k in ("precond_rank", "oversample", "precond_chunk_size")}
     apply, _ = nystrom_preconditioner(
-        system,
-        opts.get("precond_rank", 200),
-        opts.get("oversample", 10),
-        chunk_size=opts.get("precond_chunk_size", 32),
+        system, o["precond_rank"], o["oversample"], chunk_size=o["precond_chunk_size"]
     )
     return apply
 
