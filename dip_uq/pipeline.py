@@ -34,7 +34,11 @@ import torch
 from torch import nn
 
 from .laplace import Gaussian, LinearisedLaplace, Welford
-from .laplace.solvers import dense_factors, functional_covariance
+from .laplace.solvers import (
+    dense_factors,
+    functional_covariance,
+    with_prebuilt_preconditioner,
+)
 from .laplace.solvers.sgd import auto_momentum
 from .uq_result import UQResult
 
@@ -302,6 +306,7 @@ def _fit_hyper(
     estimator,
     notes,
     progress=False,
+    sample_batch=None,
 ):
     """Runs the hyperparameter stage in place; returns its trajectories (and appends
     warnings to ``notes``)."""
@@ -326,6 +331,7 @@ def _fit_hyper(
                 solver_opts=solver_opts,
                 tied_cycles=em_cycles if tied else None,
                 estimator=estimator,
+                sample_batch=sample_batch,
             )
         finally:
             del la.prior.set_variances
@@ -462,9 +468,13 @@ def reconstruct_with_uncertainty(
             kernel products carry an absolute error ≈ eps·λ_max(GΣGᵀ), and CT kernels have
             λ_max ~ 1e7-1e8 (the demo), which stalls CG at relative residuals ~1.
         solver_opts: options passed to the solver (e.g. ``{"iterations": 3000}`` for sgd).
-            For ``sgd`` without a ``momentum`` option, the momentum is set from the condition
-            number κ = λ_max(ĜᵀĜ) + 1 of its objective, (√κ − 1)/(√κ + 1) clipped to
-            [0.9, 0.999] (one power iteration at the initial hyperparameters).
+            ``sgd`` runs with the low-rank preconditioner (``precond="lowrank"``, rank
+            ``precond_rank`` = 200; DIP Jacobians have κ = λ_max(ĜᵀĜ) + 1 ~ 1e4-1e6, which
+            plain sgd cannot cross in a DIP's time). ``{"precond": None}`` gives plain sgd;
+            then, without a ``momentum`` option, the momentum is (√κ − 1)/(√κ + 1) clipped
+            to [0.9, 0.999] (one power iteration at the initial hyperparameters). ``cg`` and
+            ``sgd`` build their preconditioner once per EM cycle and once for all sample
+            batches.
         noise_var: initial σ_y²; default the DIP's residual ‖y − A x*‖²/d_y.
         prior_variance, lengthscale: initial σ_b², ℓ_b.
         tv_weight, tv_scale: TV-PredCP (``hyper="tv-map"``): λ_TV = tv_scale · d_y · γ, with
@@ -498,7 +508,12 @@ def reconstruct_with_uncertainty(
         y = y.to(dtype)
     em_solver = em_solver or solver
     solver_opts = dict(solver_opts or {})
-    auto_momentum = "sgd" in (solver, em_solver) and "momentum" not in solver_opts
+    # sgd: the low-rank preconditioner unless the caller chose otherwise (precond=None is
+    # plain sgd, with a momentum matched to the conditioning unless one was given)
+    sgd_precond = solver_opts.get("precond", "lowrank")
+    auto_momentum = (
+        "sgd" in (solver, em_solver) and "momentum" not in solver_opts and sgd_precond is None
+    )
     ckpt = Path(checkpoint_dir).expanduser() if checkpoint_dir is not None else None
     timings: dict[str, float] = {}
     notes: list[str] = []  # warnings, also kept in diagnostics["warnings"]
@@ -546,6 +561,7 @@ def reconstruct_with_uncertainty(
 
     # sgd only: a momentum matched to the problem's conditioning, unless the caller chose one
     sgd_extra = {"momentum": _sgd_momentum(la)} if auto_momentum else {}
+    sgd_extra["precond"] = sgd_precond
     em_opts = {**solver_opts, **sgd_extra} if em_solver == "sgd" else dict(solver_opts)
 
     # 4. hyperparameters (resumable)
@@ -573,6 +589,7 @@ def reconstruct_with_uncertainty(
                 estimator=em_estimator,
                 notes=notes,
                 progress=progress,
+                sample_batch=sample_batch,
             )
 
         traj = _with_precond_fallback(run_hyper, em_solver, em_opts)
@@ -597,6 +614,10 @@ def reconstruct_with_uncertainty(
     opts = {**solver_opts, **sgd_extra} if solver == "sgd" else dict(solver_opts)
     if solver == "exact":
         opts["factors"] = dense_factors(la.system())
+    # one preconditioner for every sample batch (fixed hyperparameters from here on)
+    opts = _with_precond_fallback(
+        lambda o: with_prebuilt_preconditioner(la.system(), solver, o), solver, opts
+    )
     bar = _progress(total=int(n_samples), initial=done, enabled=progress, desc="posterior samples")
     try:
         while done < n_samples:
@@ -676,6 +697,7 @@ def reconstruct_with_uncertainty(
             "n_obs": int(y.numel()),
             "initial_noise_var": float(init_noise),
             "sgd_momentum": sgd_extra.get("momentum"),
+            "sgd_precond": sgd_precond if isinstance(sgd_precond, str | None) else "custom",
             "sample_batches": sample_diag,
             "dip": dip_info,
             "timings": timings,

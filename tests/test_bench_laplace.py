@@ -32,24 +32,31 @@ def test_run_case_toy(bench, tmp_path):
         samples=4,
         dip_iterations=3,
         max_iterations=100,
+        sample_batch=3,
     )
     res = bench.run_case(case, tmp_path, subprocesses=False, log=lambda *_: None)
     dip = res["dip"]
     assert dip["n_obs"] > 0 and dip["weights"] > 0
     assert math.isclose(dip["dip_fit_s"], dip["dip_step_s"] * bench.REF_ITERS)
     rows = {r["solver"]: r for r in res["solvers"]}
-    assert set(rows) == {"exact", "cg", "sgd", "sdd"}
+    assert set(rows) == {"exact", "cg", "sgd", "sgd-lowrank", "sdd"}
     # the reference is exact with the same noise: exact reproduces it, cg converges to it
     assert rows["exact"]["final_err"] < 1e-6
-    for name in ("cg", "sgd", "sdd"):
+    for name in ("cg", "sgd", "sgd-lowrank", "sdd"):
         r = rows[name]
         assert r["reached"], (name, r["trail"])
         assert r["final_err"] <= bench.TARGET
         assert r["time_ratio"] > 0 and math.isfinite(r["time_ratio"])
         assert r["em_cycle_s"] > 0 and r["peak_mb"] >= 0
+    # the production configuration (draws in batches of 3, one preconditioner) reproduces
+    # the one-batch map: the draws are independent
+    for name in ("cg", "sgd-lowrank"):
+        b = rows[name]["batched"]
+        assert b["err"] == pytest.approx(rows[name]["final_err"], abs=1e-4), name
+        assert b["time_s"] > 0 and b["peak_mb"] >= 0
     table = bench.markdown([res], threads=1)
     assert table.startswith("## Linearised Laplace (issue 4)")
-    assert table.count("\n| toy |") == 4
+    assert table.count("\n| toy |") == 7
 
 
 def test_readme_section_replaces_only_its_own(bench, tmp_path):

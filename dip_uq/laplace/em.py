@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .solvers import draw_noise, get_solver
+from .solvers import draw_noise, get_solver, with_prebuilt_preconditioner
 from .solvers.exact import dense_factors, exact_block_gamma
 
 __all__ = ["EMHistory", "fit_em", "maximise_evidence"]
@@ -56,12 +56,16 @@ def fit_em(
     noise_floor: float = 1e-6,
     generator: torch.Generator | None = None,
     solver_opts: dict | None = None,
+    sample_batch: int | None = None,
 ) -> EMHistory:
     """Run ``n_cycles`` of EM on ``la`` (a :class:`LinearisedLaplace`, Gaussian likelihood),
     updating its prior variances (and noise variance, Matérn lengthscales) in place.
 
     ``tied_cycles`` defaults to ``min(2, n_cycles // 2)`` when there are several blocks.
-    ``noise_floor`` is relative to mean(y²). Returns the :class:`EMHistory`.
+    ``noise_floor`` is relative to mean(y²). ``sample_batch`` solves the ``n_samples``
+    draws that many at a time (same draws, same result; the peak memory of a smaller batch):
+    only the M-step statistics (γ̂ per block, Matérn tap moments) and the warm starts are
+    kept across batches. Returns the :class:`EMHistory`.
     """
     lik = la._gaussian("EM")
     if estimator not in ("function", "weight", "exact"):
@@ -81,33 +85,39 @@ def fit_em(
     floor = noise_floor * float((la.targets.double() ** 2).mean().clamp_min(1e-30))
     noise = draw_noise(system, n_samples, generator) if estimator != "exact" else None
     hist = EMHistory()
-    mode_init, sample_init, z_prev = None, None, None
+    mode_init, sample_init = None, None
+    batch = n_samples if sample_batch is None else int(sample_batch)
+    if batch < 1:
+        raise ValueError(f"sample_batch must be >= 1, got {sample_batch}")
     matern = [b for b, k in enumerate(prior.kinds) if k == "matern"]
 
     for _cycle in range(n_cycles):
         target = la.whitened_targets(system)
         factors = dense_factors(system) if solver == "exact" else None
         kw = {"factors": factors} if solver == "exact" else opts
-        if solver == "cg" and opts.get("precond_rank", 1) > 0 and "precond" not in opts:
+        if solver in ("cg", "sgd"):
             # one preconditioner per cycle: the mode and sample solves share the
             # hyperparameters, and with the same (default fixed-seed) probes it is the one
             # each solve would have built, so the results are unchanged
-            kw = {**opts, "precond": _cycle_preconditioner(system, opts)}
+            kw = with_prebuilt_preconditioner(system, solver, opts)
         mode_res = solve(system, 1, target=target, init=mode_init, **kw)
         theta_lin = mode_res.samples[0]
         if estimator == "exact":
             gamma_b = exact_block_gamma(system, factors)
-            z, sample_res = None, None
+            stats, sample_res = None, None
         else:
-            if solver == "sgd" and z_prev is not None:
-                sample_init = prior.sqrt_inv_mv(z_prev)  # same z under the new prior
-            sample_res = solve(system, n_samples, noise=noise, init=sample_init, **kw)
-            z = sample_res.samples
-            with torch.no_grad():
-                if estimator == "function":
-                    gamma_b = sel.block_sum(z * system.Gt(system.G(z))).mean(0).double()
-                else:
-                    gamma_b = sizes - prior.block_quadratic(z).mean(0).double()
+            stats, sample_res, sample_init = _sample_statistics(
+                system,
+                solve,
+                kw,
+                noise,
+                sample_init,
+                batch,
+                estimator,
+                solver,
+                need_moments=bool(matern and update_lengthscale),
+            )
+            gamma_b = stats["gamma_b"] if estimator == "function" else sizes - stats["quad"]
         # The total γ is clipped after summing: clipping each block at 0 first would turn
         # the estimator's zero-mean noise in poorly determined blocks into a positive bias
         # (σ² too small with few samples). Clipped to [1, d], not d − 1: with well-determined
@@ -126,8 +136,8 @@ def fit_em(
                 new_var = q_b / gamma_b
             resid = la.targets - la.linear_prediction(theta_lin)
             new_noise = float((resid.double() ** 2).sum()) / max(system.n_obs - gamma, 1.0)
-        if matern and update_lengthscale and z is not None:
-            _lengthscale_mstep(prior, theta_lin, z, matern)
+        if matern and update_lengthscale and stats is not None:
+            _lengthscale_mstep(prior, theta_lin, stats["moments"], matern)
         prior.set_variances(new_var.clamp_min(1e-30).to(prior.log_variance.dtype))
         if update_noise:
             lik.set_noise_var(max(new_noise, floor))
@@ -135,10 +145,8 @@ def fit_em(
         # warm starts for the next cycle
         if solver == "sgd":
             mode_init = prior.sqrt_inv_mv(theta_lin[None])
-            z_prev = z
         elif solver in ("cg", "sdd"):
             mode_init = mode_res.state.get("alpha")
-            sample_init = sample_res.state.get("alpha") if sample_res is not None else None
         hist.prior_variance.append(prior.variances().detach().clone())
         hist.lengthscale.append(prior.lengthscales().detach().clone())
         hist.noise_var.append(float(lik.noise_var))
@@ -149,27 +157,69 @@ def fit_em(
     return hist
 
 
-def _cycle_preconditioner(system, opts: dict):
-    """The Nyström preconditioner :func:`sample_cg` would build with these options (its own
-    defaults read from its signature, so the two cannot drift apart)."""
-    import inspect
+def _sample_statistics(system, solve, kw, noise, inits, batch, estimator, solver, need_moments):
+    """E-step (b) in batches of ``batch`` draws: returns (stats, combined result, warm starts).
 
-    from .solvers.cg import nystrom_preconditioner, sample_cg
+    stats: ``gamma_b`` = mean_k block sums of z ⊙ GᵀG z (function-space γ̂), ``quad`` =
+    mean_k z_bᵀΣ_b⁻¹z_b (weight-space), ``moments`` = the prior's tap moments of z (Matérn
+    lengthscale step). Warm starts for the next cycle: sgd keeps u = L⁻¹z per batch (so the
+    same z under the new prior), cg/sdd the dual α.
+    """
+    from .solvers import Noise, SolverResult
 
-    defaults = {k: p.default for k, p in inspect.signature(sample_cg).parameters.items()}
-    o = {k: opts.get(k, defaults[k]) for k in ("precond_rank", "oversample", "precond_chunk_size")}
-    apply, _ = nystrom_preconditioner(
-        system, o["precond_rank"], o["oversample"], chunk_size=o["precond_chunk_size"]
-    )
-    return apply
+    prior = system.prior
+    n = noise.xi.shape[0]
+    gamma_sum = quad_sum = None
+    mom = None
+    residual, converged, its, next_inits = 0.0, True, 0, []
+    for i, start in enumerate(range(0, n, batch)):
+        sl = slice(start, min(start + batch, n))
+        part = Noise(noise.xi[sl], noise.eps[sl])
+        init = inits[i] if inits is not None else None
+        res = solve(system, part.xi.shape[0], noise=part, init=init, **kw)
+        z = res.samples
+        with torch.no_grad():
+            if estimator == "function":
+                g = prior.selection.block_sum(z * system.Gt(system.G(z))).sum(0).double()
+                gamma_sum = g if gamma_sum is None else gamma_sum + g
+            else:
+                q = prior.block_quadratic(z).sum(0).double()
+                quad_sum = q if quad_sum is None else quad_sum + q
+            if need_moments:
+                m = prior.second_moments(z)
+                k = z.shape[0]
+                if mom is None:
+                    mom = {"diag": m["diag"] * k, "filters": [f * k for f in m["filters"]]}
+                else:
+                    mom["diag"] = mom["diag"] + m["diag"] * k
+                    mom["filters"] = [a + f * k for a, f in zip(mom["filters"], m["filters"])]
+            if solver == "sgd":
+                next_inits.append(prior.sqrt_inv_mv(z))  # same z under the next prior
+            elif solver in ("cg", "sdd"):
+                next_inits.append(res.state.get("alpha"))
+        residual, converged = max(residual, res.residual), converged and res.converged
+        its = max(its, res.iterations)
+        del z, res
+    if mom is not None:
+        mom = {"diag": mom["diag"] / n, "filters": [f / n for f in mom["filters"]]}
+    stats = {
+        "gamma_b": None if gamma_sum is None else gamma_sum / n,
+        "quad": None if quad_sum is None else quad_sum / n,
+        "moments": mom,
+    }
+    combined = SolverResult(torch.empty(0), its, [], converged, residual)
+    keep = next_inits if next_inits and all(x is not None for x in next_inits) else None
+    return stats, combined, keep
 
 
-def _lengthscale_mstep(prior, theta_lin, z, blocks, steps: int = 30, lr: float = 0.05) -> None:
+def _lengthscale_mstep(prior, theta_lin, m_z, blocks, steps: int = 30, lr: float = 0.05) -> None:
     """EM M-step for Matérn ℓ_b: maximise −½ E[θ_bᵀΣ_b⁻¹θ_b] − ½ log|Σ_b| with
-    E[θθᵀ] ≈ θ_lin θ_linᵀ + mean_k z_k z_kᵀ, over log ℓ_b only (σ_b² by MacKay)."""
+    E[θθᵀ] ≈ θ_lin θ_linᵀ + mean_k z_k z_kᵀ (``m_z``: the prior's tap moments of the z_k),
+    over log ℓ_b only (σ_b² by MacKay)."""
     mask = torch.zeros_like(prior.log_lengthscale, dtype=torch.bool)
     mask[blocks] = True
-    theta_lin, z = theta_lin.detach(), z.detach()
+    # E[θθᵀ] enters only through per-block tap moments: a few numbers per block, not K × d
+    m_lin = prior.second_moments(theta_lin.detach()[None])
     start = prior.log_lengthscale.detach().clone()
     free = start.clone().requires_grad_(True)
     opt = torch.optim.Adam([free], lr=lr)
@@ -178,7 +228,7 @@ def _lengthscale_mstep(prior, theta_lin, z, blocks, steps: int = 30, lr: float =
         with torch.no_grad():
             prior.log_lengthscale.copy_(torch.where(mask, free, start))
         prior.log_lengthscale.grad = None
-        q = prior.block_quadratic(theta_lin[None])[0] + prior.block_quadratic(z).mean(0)
+        q = prior.quadratic_from_moments(m_lin) + prior.quadratic_from_moments(m_z)
         loss = 0.5 * q.sum() + 0.5 * prior.logdet()
         loss.backward()
         free.grad = torch.where(mask, prior.log_lengthscale.grad, torch.zeros_like(free))

@@ -135,19 +135,26 @@ class BlockPrior(nn.Module):
                 f"prior product: expected last dim {self.selection.d}, got {tuple(v.shape)}"
             )
         var = self._coord_var(v.dtype)
-        out = torch.where(
-            self.diag_mask, diag_fn(v, var), torch.zeros((), dtype=v.dtype, device=v.device)
-        )
+        # the diagonal rule everywhere, then the Matérn filter slices overwritten: one output
+        # buffer plus one slice at a time (K × d buffers dominate memory for large nets)
+        out = diag_fn(v, var)
         if not self._filters:
             return out
-        pieces = []
+        if out.requires_grad or v.requires_grad:  # keep autograd free of in-place writes
+            out = torch.where(self.diag_mask, out, out.new_zeros(()))
+            pieces = []
+            for off, numel, nf, kernel, b in self._filters:
+                L = self._filter_chol(b, kernel, v.dtype)
+                x = v[..., off : off + numel].reshape(*v.shape[:-1], nf, L.shape[0])
+                pieces.append((off, numel, filt_fn(x, L).reshape(*v.shape[:-1], numel)))
+            out = out.clone()
+            for off, numel, piece in pieces:
+                out[..., off : off + numel] = piece
+            return out
         for off, numel, nf, kernel, b in self._filters:
             L = self._filter_chol(b, kernel, v.dtype)
             x = v[..., off : off + numel].reshape(*v.shape[:-1], nf, L.shape[0])
-            pieces.append((off, numel, filt_fn(x, L).reshape(*v.shape[:-1], numel)))
-        out = out.clone()
-        for off, numel, p in pieces:
-            out[..., off : off + numel] = p
+            out[..., off : off + numel] = filt_fn(x, L).reshape(*v.shape[:-1], numel)
         return out
 
     def _w_cov(self, v):
@@ -223,6 +230,35 @@ class BlockPrior(nn.Module):
     def block_quadratic(self, v: torch.Tensor) -> torch.Tensor:
         """Per-block v_bᵀ Σ_b⁻¹ v_b, shape ``(..., n_blocks)``."""
         return self.selection.block_sum(v * self.prec_mv(v))
+
+    def second_moments(self, v: torch.Tensor) -> dict:
+        """Sufficient statistics of v ``(K, d)`` for :meth:`quadratic_from_moments` (no
+        gradient): per block mean_k Σ_{i diagonal} w_i², and per Matérn filter stack the tap
+        matrix mean_k Σ_f w_f w_fᵀ ``(T, T)``, with w = v / s under a g-prior. A few numbers
+        per block instead of K × d: the lengthscale M-step then costs nothing in memory."""
+        with torch.no_grad():
+            w = v if self.scale is None else v / self.scale.to(v.dtype)
+            dt = self.log_variance.dtype
+            sq = torch.where(self.diag_mask, w.square(), w.new_zeros(()))
+            diag = self.selection.block_sum(sq).mean(0).to(dt)
+            filt = []
+            for off, numel, nf, _kernel, _b in self._filters:
+                x = w[:, off : off + numel].reshape(w.shape[0] * nf, -1).to(dt)
+                filt.append(x.T @ x / w.shape[0])
+        return {"diag": diag, "filters": filt}
+
+    def quadratic_from_moments(self, m: dict) -> torch.Tensor:
+        """Per-block mean_k v_k,bᵀ Σ_b⁻¹ v_k,b ``(n_blocks,)`` from :meth:`second_moments`
+        (differentiable in the hyperparameters): Σ diag w²/σ_b² + Σ_filters tr(Σ_b⁻¹ S)."""
+        dt = self.log_variance.dtype
+        q = m["diag"] / self.variances().to(dt)
+        parts = [q]
+        for (_off, _numel, _nf, kernel, b), S in zip(self._filters, m["filters"]):
+            L = self._filter_chol(b, kernel, dt)
+            tr = torch.cholesky_solve(S, L).diagonal().sum()
+            one = torch.tensor([b], device=q.device)
+            parts.append(torch.zeros_like(q).index_put((one,), tr.reshape(1)))
+        return torch.stack(parts).sum(0)
 
     def dense_cov(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """Dense Σ ``(d, d)``: small references only."""
