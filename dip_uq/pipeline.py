@@ -307,6 +307,7 @@ def _fit_hyper(
     notes,
     progress=False,
     sample_batch=None,
+    reuse_preconditioner=False,
 ):
     """Runs the hyperparameter stage in place; returns its trajectories (and appends
     warnings to ``notes``)."""
@@ -332,6 +333,7 @@ def _fit_hyper(
                 tied_cycles=em_cycles if tied else None,
                 estimator=estimator,
                 sample_batch=sample_batch,
+                refresh_preconditioner=reuse_preconditioner,
             )
         finally:
             del la.prior.set_variances
@@ -345,6 +347,8 @@ def _fit_hyper(
             "mode_residual": list(hist.mode_residual),
             "sample_residual": list(hist.sample_residual),
             "converged": list(hist.converged),
+            "iterations": [list(x) for x in hist.iterations],
+            "_preconditioner": hist.preconditioner,
         }
         n_obs = la.targets.numel()
         over = [i + 1 for i, g in enumerate(hist.gamma) if float(g.sum()) >= n_obs - 1]
@@ -430,6 +434,7 @@ def reconstruct_with_uncertainty(
     tv_weight: float | None = None,
     tv_scale: float = 1.0,
     sample_batch: int = 32,
+    reuse_preconditioner: bool = True,
     keep_samples: bool = False,
     exact_covariance: bool = False,
     checkpoint_dir: str | Path | None = None,
@@ -479,7 +484,13 @@ def reconstruct_with_uncertainty(
         prior_variance, lengthscale: initial σ_b², ℓ_b.
         tv_weight, tv_scale: TV-PredCP (``hyper="tv-map"``): λ_TV = tv_scale · d_y · γ, with
             γ = ``tv_weight`` (default: the DIP's tv_weight, else 1e-4).
-        sample_batch: samples drawn per solver call (memory vs speed).
+        sample_batch: samples drawn per solver call, in EM and for the map (memory vs
+            speed; EM's results do not depend on it).
+        reuse_preconditioner: ``cg`` builds its Nyström preconditioner in the first EM
+            cycle only and rescales it (one batched kernel product) for later cycles; exact
+            for tied scale changes, otherwise it may cost CG iterations, never accuracy.
+            False: one build per cycle. The sampling stage always builds a fresh one (its
+            many samples amortise it, and a stale one costs more iterations there).
         keep_samples: store the functional samples J z_k ``(K, *volume)`` in the result
             (needed for patch log-likelihoods with p > 1).
         exact_covariance: also store the dense image covariance (small images only).
@@ -590,9 +601,11 @@ def reconstruct_with_uncertainty(
                 notes=notes,
                 progress=progress,
                 sample_batch=sample_batch,
+                reuse_preconditioner=reuse_preconditioner,
             )
 
         traj = _with_precond_fallback(run_hyper, em_solver, em_opts)
+        traj.pop("_preconditioner", None)  # in memory only (not checkpointed)
         if hyper_path is not None:
             atomic_save(
                 {"hyper": _hyper_state(la), "trajectories": traj, "notes": list(notes)},

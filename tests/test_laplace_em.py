@@ -325,3 +325,44 @@ def test_em_with_preconditioned_sgd_reaches_the_evidence_maximiser():
     assert _rel(hist.noise_var[-1], noise_ref) < 0.02
     assert _rel(hist.prior_variance[-1], var_ref) < 0.02
     assert all(hist.converged)
+
+
+def test_em_refreshing_the_preconditioner_builds_once_and_lands_on_the_same_fixed_point(
+    monkeypatch,
+):
+    """``refresh_preconditioner``: one Nyström build in the first cycle, rescaled after;
+    CG converges to the same tolerance either way, so the trajectories agree (Matérn
+    blocks, so lengthscales move and the refresh is only approximate)."""
+    from dip_uq.laplace.solvers import cg
+
+    calls = []
+    real = cg.nystrom_preconditioner
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(cg, "nystrom_preconditioner", counting)
+    hists = []
+    for refresh in (False, True):
+        la = ct_like(side=10, n_meas=60, channels=4, noise=0.1, prior_variance=0.05)
+        la.prior.__init__(la.selection, "matern", variance=0.05, lengthscale=0.3)
+        calls.clear()
+        h = fit_em(
+            la,
+            n_cycles=4,
+            n_samples=8,
+            solver="cg",
+            generator=torch.Generator().manual_seed(0),
+            solver_opts={"tol": 1e-10, "max_iter": 300, "precond_rank": 20},
+            refresh_preconditioner=refresh,
+        )
+        h.builds = len(calls)
+        hists.append(h)
+    own, refreshed = hists
+    assert own.builds == 4 and refreshed.builds == 1
+    assert refreshed.preconditioner is not None and "refresh" in refreshed.preconditioner.info
+    for a, b in zip(own.noise_var, refreshed.noise_var):
+        assert a == pytest.approx(b, rel=1e-6)
+    torch.testing.assert_close(own.lengthscale[-1], refreshed.lengthscale[-1], rtol=1e-5, atol=0)
+    assert all(refreshed.converged)

@@ -230,7 +230,8 @@ def test_nystrom_chunks_probe_vectors_and_is_deterministic_by_default():
     sys_a, sys_b = _MatrixSystem(K, torch.float64), _MatrixSystem(K, torch.float64)
     pa, lam_a = nystrom_preconditioner(sys_a, rank=40, oversample=10, chunk_size=16)
     pb, lam_b = nystrom_preconditioner(sys_b, rank=40, oversample=10, chunk_size=None)
-    assert sys_a.calls == [16, 16, 16, 2] and sys_b.calls == [50]
+    # probes in chunks, then one product of the top 8 eigenvectors (kept for refreshes)
+    assert sys_a.calls == [16, 16, 16, 2, 8] and sys_b.calls == [50, 8]
     torch.testing.assert_close(lam_a, lam_b)  # same fixed-seed probes, chunked or not
     v = torch.randn(3, 60, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     torch.testing.assert_close(pa(v), pb(v))
@@ -463,3 +464,23 @@ def test_preconditioned_sgd_bad_options():
         polyak=True,
     )
     assert float((res.samples - ref).norm() / ref.norm()) < 0.05
+
+
+def test_refreshed_nystrom_equals_a_fresh_build_after_a_scale_change():
+    """A tied prior-variance and noise change scales GΣGᵀ by c: the refreshed
+    preconditioner (one batched kernel product) equals a rebuild at the new values."""
+    from dip_uq.laplace.solvers import nystrom_preconditioner
+    from dip_uq.laplace.solvers.cg import refreshed_preconditioner
+
+    la = ct_like(side=12, n_meas=100, channels=8, noise=0.1, prior_variance=0.05)
+    system = la.system()
+    old, _ = nystrom_preconditioner(system, rank=30)
+    la.prior.set_variances(la.prior.variances() * 3.0)
+    la.likelihood.set_noise_var(float(la.likelihood.noise_var) * 0.5)
+    system = la.system()
+    fresh, lam = nystrom_preconditioner(system, rank=30)
+    new = refreshed_preconditioner(system, old)
+    assert new.info["refresh"] == pytest.approx(6.0, rel=1e-6)
+    torch.testing.assert_close(new.lam, lam, rtol=1e-6, atol=1e-8)
+    v = torch.randn(3, system.n_obs, dtype=system.dtype, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(new(v), fresh(v), rtol=1e-6, atol=1e-8)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .solvers import draw_noise, get_solver, with_prebuilt_preconditioner
+from .solvers.cg import refreshed_preconditioner
 from .solvers.exact import dense_factors, exact_block_gamma
 
 __all__ = ["EMHistory", "fit_em", "maximise_evidence"]
@@ -41,6 +42,9 @@ class EMHistory:
     mode_residual: list[float] = field(default_factory=list)
     sample_residual: list[float] = field(default_factory=list)
     converged: list[bool] = field(default_factory=list)
+    iterations: list[tuple[int, int]] = field(default_factory=list)  # (mode, samples) per cycle
+    #: cg's preconditioner of the last cycle (with ``refresh_preconditioner``), for reuse
+    preconditioner: object = field(default=None, repr=False, compare=False)
 
 
 def fit_em(
@@ -57,6 +61,7 @@ def fit_em(
     generator: torch.Generator | None = None,
     solver_opts: dict | None = None,
     sample_batch: int | None = None,
+    refresh_preconditioner: bool = False,
 ) -> EMHistory:
     """Run ``n_cycles`` of EM on ``la`` (a :class:`LinearisedLaplace`, Gaussian likelihood),
     updating its prior variances (and noise variance, Matérn lengthscales) in place.
@@ -65,7 +70,11 @@ def fit_em(
     ``noise_floor`` is relative to mean(y²). ``sample_batch`` solves the ``n_samples``
     draws that many at a time (same draws, same result; the peak memory of a smaller batch):
     only the M-step statistics (γ̂ per block, Matérn tap moments) and the warm starts are
-    kept across batches. Returns the :class:`EMHistory`.
+    kept across batches. ``refresh_preconditioner`` (cg): build the Nyström preconditioner
+    in the first cycle only and rescale it to each later cycle's hyperparameters with one
+    batched kernel product (:func:`~dip_uq.laplace.solvers.cg.refreshed_preconditioner`):
+    exact for a tied scale change, approximate when lengthscales move, which costs CG
+    iterations but never accuracy. Returns the :class:`EMHistory`.
     """
     lik = la._gaussian("EM")
     if estimator not in ("function", "weight", "exact"):
@@ -95,11 +104,15 @@ def fit_em(
         target = la.whitened_targets(system)
         factors = dense_factors(system) if solver == "exact" else None
         kw = {"factors": factors} if solver == "exact" else opts
-        if solver in ("cg", "sgd"):
+        if solver == "cg" and refresh_preconditioner and hist.preconditioner is not None:
+            kw = {**opts, "precond": refreshed_preconditioner(system, hist.preconditioner)}
+        elif solver in ("cg", "sgd"):
             # one preconditioner per cycle: the mode and sample solves share the
             # hyperparameters, and with the same (default fixed-seed) probes it is the one
             # each solve would have built, so the results are unchanged
             kw = with_prebuilt_preconditioner(system, solver, opts)
+        if solver == "cg" and refresh_preconditioner:
+            hist.preconditioner = kw.get("precond")
         mode_res = solve(system, 1, target=target, init=mode_init, **kw)
         theta_lin = mode_res.samples[0]
         if estimator == "exact":
@@ -154,6 +167,9 @@ def fit_em(
         hist.mode_residual.append(mode_res.residual)
         hist.sample_residual.append(sample_res.residual if sample_res is not None else 0.0)
         hist.converged.append(mode_res.converged and (sample_res is None or sample_res.converged))
+        hist.iterations.append(
+            (mode_res.iterations, sample_res.iterations if sample_res is not None else 0)
+        )
     return hist
 
 

@@ -14,7 +14,7 @@ import torch
 
 from .system import LinearSystem, Noise, SolverResult, draw_noise
 
-__all__ = ["sample_cg", "nystrom_preconditioner", "PRECOND_SEED"]
+__all__ = ["sample_cg", "nystrom_preconditioner", "refreshed_preconditioner", "PRECOND_SEED"]
 
 PRECOND_SEED = 0  # seed of the probe matrix when no generator is given (deterministic default)
 _SHIFT_TRIES = 4  # Cholesky attempts with the shift ×10 each before the eigh fallback
@@ -99,14 +99,56 @@ def nystrom_preconditioner(
             )
         U, lam, info = _nystrom_factor(Q, Y, torch.finfo(system.dtype).eps)
         lam, U = lam[:rank], U[:, :rank]
-        coef = (1.0 / (lam + 1.0) - 1.0).to(system.dtype)
-        U = U.to(system.dtype)
+        pre = _woodbury(U, lam, system.dtype, info)
+        pre.rq = _rayleigh(system, pre.U, REFRESH_PROBES)
+    return pre, lam
+
+
+REFRESH_PROBES = 8  # top eigenvectors whose Rayleigh quotients track the kernel's scale
+
+
+def _rayleigh(system: LinearSystem, U: torch.Tensor, k: int) -> torch.Tensor:
+    """u_iᵀ(GΣGᵀ)u_i for the first ``k`` columns of U (float64; one batched product)."""
+    k = min(k, U.shape[1])
+    if k == 0:
+        return U.new_zeros(0, dtype=torch.float64)
+    with torch.no_grad():
+        Ku = system.gram_mv(U[:, :k].T.contiguous()).double()
+    return (Ku * U[:, :k].T.double()).sum(1)
+
+
+def _woodbury(U: torch.Tensor, lam: torch.Tensor, dtype: torch.dtype, info: dict):
+    """P⁻¹ v = v + U((Λ + 1)⁻¹ − 1)Uᵀ v, carrying U and Λ (float64) for a later refresh."""
+    coef = (1.0 / (lam + 1.0) - 1.0).to(dtype)
+    U_d = U.to(dtype)
 
     def apply(v: torch.Tensor) -> torch.Tensor:
-        return v + ((v @ U) * coef) @ U.T
+        return v + ((v @ U_d) * coef) @ U_d.T
 
-    apply.info = info
-    return apply, lam
+    apply.info, apply.U, apply.lam = info, U_d, lam
+    return apply
+
+
+def refreshed_preconditioner(system: LinearSystem, old):
+    """``old`` (from :func:`nystrom_preconditioner` or an earlier refresh) rescaled to the
+    system's current hyperparameters: Λ ← f Λ, f = the median over its top
+    ``REFRESH_PROBES`` eigenvectors of u_iᵀK_new u_i / u_iᵀK_old u_i (the old quotients are
+    kept from the build; one batched kernel product instead of a rank-r build).
+
+    Exact when the kernel only changed by a scale (a tied prior variance, the noise
+    variance); an approximation when lengthscales or per-block variances moved, which
+    costs CG iterations, never accuracy (any SPD P⁻¹ gives the same solution).
+    """
+    U, lam = old.U, old.lam
+    if lam.numel() == 0:
+        return old
+    rq = _rayleigh(system, U, old.rq.numel())
+    f = float((rq / old.rq.clamp_min(1e-300)).median())
+    if not (f > 0 and f < float("inf")):
+        raise ValueError(f"cg preconditioner refresh: non-finite or non-positive scale {f}")
+    new = _woodbury(U.double(), lam * f, system.dtype, {**old.info, "refresh": f})
+    new.rq = rq
+    return new
 
 
 def batched_pcg(matvec, c, precond, x0=None, tol=1e-6, max_iter=500, callback=None):
