@@ -167,8 +167,12 @@ class LinearisedLaplace(nn.Module):
         Returns a tensor of shape ``f(x).shape`` (the DIP: the voxelwise variance map). When a
         ``bank`` is given, the weight samples are added to it (save/resume it yourself).
         """
+        from .solvers import with_prebuilt_preconditioner
+
         acc = Welford()
         done = 0
+        if n_samples > batch_size:  # one preconditioner for all batches (same hyperparameters)
+            opts = with_prebuilt_preconditioner(self.system(), solver, opts)
         while done < n_samples:
             k = min(batch_size, n_samples - done)
             res = self.sample(k, solver, generator, **opts)
