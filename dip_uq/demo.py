@@ -14,9 +14,9 @@ demo's 5-minute budget on two cores; it writes ``uncertainty.png`` (reconstructi
 |error|, calibration curve), ``metrics.json`` and the maps (``.npz``/``.tif``).
 
 Measured (seed 0, one torch thread): FBP 26.5 dB, DIP 30.6 dB; learned σ² = 0.134 against the
-true 0.151 (−12 %; the DIP's own residual is 0.182), every CG solve converged to 1e-3; 91 s
-of CPU time in all, 132 s wall clock at load average ~3 (473-508 s with the two cores shared
-by ~10 busy processes). The std map is over-confident against the DIP's error: 90 %
+true 0.151 (−12 %; the DIP's own residual is 0.182), every CG solve converged to 1e-3; 42 s
+wall clock in all on a quiet machine: DIP fit 14.4 s, uncertainty stage 25.6 s (1.78×;
+``demo.json`` records both and ``uq_over_dip``). The std map is over-confident against the DIP's error: 90 %
 intervals cover 47 % of the pixels (z-score std 3.3, worst at edges), because the linearised posterior is centred at x* and
 does not describe the DIP's bias (TV smoothing, early stopping). Adding the
 backprojected-noise δ (discrepancy rank 928) lifts the coverage to 81 %, but its dense SVD
