@@ -31,17 +31,12 @@ from collections.abc import Callable
 
 import torch
 
+from .cg import _chunked  # the probes' kernel products, a chunk of rows at a time
 from .system import LinearSystem
 
 __all__ = ["LowRankPreconditioner", "lowrank_preconditioner", "preconditioned_lambda_max"]
 
 _SEED = 0  # probe seed when no generator is given (deterministic default, as cg's)
-
-
-def _chunked(fn: Callable, a: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-    if chunk_size is None or chunk_size >= a.shape[0]:
-        return fn(a)
-    return torch.cat([fn(a[i : i + chunk_size]) for i in range(0, a.shape[0], chunk_size)])
 
 
 class LowRankPreconditioner:
