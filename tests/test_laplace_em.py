@@ -52,6 +52,19 @@ def test_sample_based_em_within_2_percent_blr(estimator):
     assert len(hist.gamma) == 12 and all(hist.converged)
 
 
+def _ct_small():
+    """(c)-type problem, small: d = 1296 conv weights in one Normal block, d_y = 100."""
+    return ct_like(
+        side=12,
+        n_meas=100,
+        channels=8,
+        noise=0.1,
+        prior_variance=0.05,
+        noise_var=0.02,
+        blocks="single",
+    )
+
+
 @pytest.mark.parametrize("size", ["small", pytest.param("full", marks=pytest.mark.slow)])
 def test_em_fixed_point_ct_like(size):
     """(c): CNN + dense operator, conv weights under one Normal block; full: d ≈ 5k, d_y = 200."""
@@ -67,15 +80,7 @@ def test_em_fixed_point_ct_like(size):
         )
         assert la.d == 4896 and la.system().n_obs == 200
     else:
-        la = ct_like(
-            side=12,
-            n_meas=100,
-            channels=8,
-            noise=0.1,
-            prior_variance=0.05,
-            noise_var=0.02,
-            blocks="single",
-        )
+        la = _ct_small()
     var_ref, noise_ref = _reference(la)
     exact = copy.deepcopy(la)
     hist = fit_em(exact, n_cycles=15, solver="exact", estimator="exact")
@@ -303,15 +308,7 @@ def test_em_with_preconditioned_sgd_reaches_the_evidence_maximiser():
     """(c)-type problem: EM whose samples and mode come from the low-rank-preconditioned sgd
     lands on the exact evidence maximiser like EM with cg (λ and σ² within 2 %; with 256
     draws both solvers land 4.9 % off, the Monte-Carlo error of γ̂, identically)."""
-    la = ct_like(
-        side=12,
-        n_meas=100,
-        channels=8,
-        noise=0.1,
-        prior_variance=0.05,
-        noise_var=0.02,
-        blocks="single",
-    )
+    la = _ct_small()
     var_ref, noise_ref = _reference(la)
     hist = fit_em(
         la,

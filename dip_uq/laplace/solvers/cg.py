@@ -60,6 +60,19 @@ def _nystrom_factor(Q: torch.Tensor, Y: torch.Tensor, eps: float):
     return U, (S**2 - nu).clamp_min(0.0), {"method": "eigh", "shift": nu}
 
 
+def _probe_setup(system, rank: int, oversample: int, generator, chunk_size):
+    """Checks the randomised-preconditioner options; returns (generator, number of probes):
+    a fixed-seed generator when None (deterministic by default), s = min(rank + oversample,
+    n_obs)."""
+    if rank < 1 or oversample < 0:
+        raise ValueError(f"rank must be >= 1 and oversample >= 0, got {rank}, {oversample}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    if generator is None:
+        generator = torch.Generator(device=system.device).manual_seed(PRECOND_SEED)
+    return generator, min(rank + oversample, system.n_obs)
+
+
 def nystrom_preconditioner(
     system: LinearSystem,
     rank: int = 200,
@@ -78,13 +91,7 @@ def nystrom_preconditioner(
     the system's device, so the preconditioner, hence CG, is deterministic by default.
     Round-off in a float32 kernel cannot make it fail (see :func:`_nystrom_factor`).
     """
-    if rank < 1 or oversample < 0:
-        raise ValueError(f"rank must be >= 1 and oversample >= 0, got {rank}, {oversample}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-    if generator is None:
-        generator = torch.Generator(device=system.device).manual_seed(PRECOND_SEED)
-    s = min(rank + oversample, system.n_obs)
+    generator, s = _probe_setup(system, rank, oversample, generator, chunk_size)
     with torch.no_grad():
         omega = torch.randn(
             system.n_obs, s, generator=generator, dtype=torch.float64, device=system.device

@@ -31,12 +31,11 @@ from collections.abc import Callable
 
 import torch
 
-from .cg import _chunked  # the probes' kernel products, a chunk of rows at a time
+from .cg import PRECOND_SEED as _SEED
+from .cg import _chunked, _probe_setup  # shared with cg's Nyström build
 from .system import LinearSystem
 
 __all__ = ["LowRankPreconditioner", "lowrank_preconditioner", "preconditioned_lambda_max"]
-
-_SEED = 0  # probe seed when no generator is given (deterministic default, as cg's)
 
 
 class LowRankPreconditioner:
@@ -125,13 +124,7 @@ def lowrank_preconditioner(
     fixed-seed generator, so the preconditioner is deterministic. Ritz values below
     1e-12·Θ_max are dropped (directions ĜĜᵀ does not see).
     """
-    if rank < 1 or oversample < 0:
-        raise ValueError(f"rank must be >= 1 and oversample >= 0, got {rank}, {oversample}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-    if generator is None:
-        generator = torch.Generator(device=system.device).manual_seed(_SEED)
-    s = min(rank + oversample, system.n_obs)
+    generator, s = _probe_setup(system, rank, oversample, generator, chunk_size)
 
     def kernel(a: torch.Tensor) -> torch.Tensor:  # rows of a ``(s, n_obs)``, float64 out
         return system.gram_mv(a.to(system.dtype)).double()
