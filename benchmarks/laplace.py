@@ -355,6 +355,8 @@ def solver_run(case: Case, solver: str, path: Path, ref_path: Path, em: bool = T
         em_opts = {"tol": 1e-12, "max_iter": max(it, 1)}
     elif solver in ("sgd", "sdd", "sgd-lowrank"):
         kw = {"averaging": 1.0} if solver == "sdd" else {}
+        if solver == "sgd":  # plain sgd, the methods' algorithm (the engine default is "auto")
+            kw = {"precond": None}
         if solver == "sgd-lowrank":  # the build is inside the timed call
             kw = {"precond": "lowrank", "precond_rank": case.precond_rank}
         res = la.sample(

@@ -260,6 +260,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=Path, help="KMNIST file or a folder of 28x28 images")
     p.add_argument("--n-images", type=int, default=5)
+    p.add_argument(
+        "--only-images", type=int, nargs="+", help="run these image indices (of --n-images)"
+    )
     p.add_argument("--angles", type=int, nargs="+", default=[5, 10, 20, 30])
     p.add_argument("--noise", type=float, nargs="+", default=[0.05, 0.10])
     p.add_argument("--iter-scale", type=float, default=1.0, help="scale the DIP budgets")
@@ -291,6 +294,8 @@ def main(argv=None) -> int:
             key = f"{n_angles} angles, {round(100 * noise)}% noise"
             rows = []
             for i, x in enumerate(xs):
+                if args.only_images is not None and i not in args.only_images:
+                    continue
                 rows.append(run_image(x, n_angles, noise, args, seed=i))
                 print(f"{key}: image {i + 1}/{len(xs)} done", flush=True)
                 raw[key] = rows  # partial results survive an interrupted run

@@ -363,3 +363,32 @@ def test_em_refreshing_the_preconditioner_builds_once_and_lands_on_the_same_fixe
         assert a == pytest.approx(b, rel=1e-6)
     torch.testing.assert_close(own.lengthscale[-1], refreshed.lengthscale[-1], rtol=1e-5, atol=0)
     assert all(refreshed.converged)
+
+
+def test_noise_step_stays_bounded_when_gamma_hat_reaches_n_obs():
+    """d > n_obs and almost noiseless data: γ ≈ n_obs, and 16-sample γ̂ overshoots n_obs
+    often enough that σ² = r²/(n_obs − γ̂) jumps by 10⁵ (the 41,000-iteration protocol DIP);
+    the floored denominator keeps every seed on the exact-γ fixed point."""
+    la0 = blr(n=60, p=90, noise=0.02, prior_variance=1.0, noise_var=1.0)
+    ref = copy.deepcopy(la0)
+    noise_ref = fit_em(ref, n_cycles=200, solver="exact", estimator="exact").noise_var[-1]
+
+    def run(margin, seed):
+        la = copy.deepcopy(la0)
+        g = torch.Generator().manual_seed(seed)
+        return fit_em(
+            la,
+            n_cycles=10,
+            n_samples=16,
+            solver="exact",
+            estimator="function",
+            generator=g,
+            noise_margin=margin,
+        )
+
+    unguarded = [run(0.0, s).noise_var[-1] for s in range(4)]
+    assert max(unguarded) > 1e3 * noise_ref  # the failure the floor exists for
+    for s in range(4):
+        hist = run(3.0, s)
+        assert _rel(hist.noise_var[-1], noise_ref) < 0.5
+        assert "floored" in hist.noise_update and all(math.isfinite(v) for v in hist.noise_var)

@@ -354,7 +354,9 @@ def test_sgd_auto_momentum_follows_the_conditioning():
     noise = draw_noise(system, 4, torch.Generator().manual_seed(0))
     ref = get_solver("exact")(system, 4, noise=noise).samples
     gen = torch.Generator().manual_seed(5)
-    res = get_solver("sgd")(system, 4, gen, noise=noise, iterations=3000, tol=0.0, momentum="auto")
+    res = get_solver("sgd")(
+        system, 4, gen, noise=noise, iterations=3000, tol=0.0, momentum="auto", precond=None
+    )
     lam = system.lambda_max(generator=torch.Generator().manual_seed(5))
     assert res.state["momentum"] == pytest.approx(auto_momentum(lam), rel=1e-6)
     assert res.state["momentum"] > 0.99  # κ ≈ 1.7e5 here
@@ -419,7 +421,7 @@ def test_preconditioned_sgd_reaches_exact_samples_in_far_fewer_steps():
     def err(res):
         return float((res.samples - ref).norm() / ref.norm())
 
-    plain = sgd(system, 6, noise=noise, iterations=1000, tol=0.0)
+    plain = sgd(system, 6, noise=noise, iterations=1000, tol=0.0, precond=None)
     pre = lowrank_preconditioner(system, rank=50)
     fast = sgd(system, 6, noise=noise, iterations=100, tol=0.0, precond=pre)
     assert err(plain) > 1e-2 and err(fast) < 1e-3, (err(plain), err(fast))
@@ -427,6 +429,11 @@ def test_preconditioned_sgd_reaches_exact_samples_in_far_fewer_steps():
     # the string option builds the same preconditioner (fixed-seed probes), also for the mean
     again = sgd(system, 6, noise=noise, iterations=100, tol=0.0, precond="lowrank", precond_rank=50)
     torch.testing.assert_close(again.samples, fast.samples)
+    # the default ("auto") is the rank-200 (here: every direction) low-rank preconditioner
+    default = sgd(system, 6, noise=noise, iterations=100, tol=0.0)
+    full = sgd(system, 6, noise=noise, iterations=100, tol=0.0, precond="lowrank")
+    torch.testing.assert_close(default.samples, full.samples)
+    assert err(default) < 1e-3
     m_ref = la.linear_mode("exact").samples[0]
     m = la.linear_mode("sgd", iterations=300, tol=1e-9, precond="lowrank", precond_rank=50)
     assert float((m.samples[0] - m_ref).norm() / m_ref.norm()) < 1e-4
@@ -464,6 +471,9 @@ def test_preconditioned_sgd_bad_options():
         polyak=True,
     )
     assert float((res.samples - ref).norm() / ref.norm()) < 0.05
+    # the default "auto" is plain sgd under minibatches
+    auto = blr_la.sample(4, "sgd", noise=noise, iterations=2, batch_size=100)
+    assert auto.state["precond"] is None
 
 
 def test_refreshed_nystrom_equals_a_fresh_build_after_a_scale_change():

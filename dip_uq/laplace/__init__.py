@@ -17,10 +17,10 @@ matched operator ``A`` with ``A(x)``/``A.T(y)``, measurements ``y`` of shape ``A
 Solvers: ``exact`` (dense, small), ``cg`` and ``sdd`` (observation space, need a matched
 adjoint), ``sgd`` (primal sample-then-optimise). All share one noise convention, so the same
 :class:`Noise` gives the same samples from every solver. DIP Jacobians have condition
-numbers κ ~ 1e4-1e6, which plain ``sgd`` (the methods' algorithm, the engine default)
-crosses only in thousands of steps; ``precond="lowrank"`` (a rank-200 Ritz preconditioner,
-:mod:`~dip_uq.laplace.solvers.precond`) takes it to a handful, and
-:func:`~dip_uq.reconstruct_with_uncertainty` uses it by default.
+numbers κ ~ 1e4-1e6, which plain ``sgd`` (``precond=None``, the methods' algorithm)
+crosses only in thousands of steps; the default ``precond="auto"`` (a rank-200 Ritz
+preconditioner, :mod:`~dip_uq.laplace.solvers.precond`, for full batches; plain sgd under
+minibatches) takes it to a handful.
 """
 
 from .front import Laplace

@@ -43,6 +43,8 @@ class EMHistory:
     sample_residual: list[float] = field(default_factory=list)
     converged: list[bool] = field(default_factory=list)
     iterations: list[tuple[int, int]] = field(default_factory=list)  # (mode, samples) per cycle
+    #: σ² step per cycle: "mackay" (r²/(n_obs − γ̂)) or "floored" (denominator at its floor)
+    noise_update: list[str] = field(default_factory=list)
     #: cg's preconditioner of the last cycle (with ``refresh_preconditioner``), for reuse
     preconditioner: object = field(default=None, repr=False, compare=False)
 
@@ -62,6 +64,7 @@ def fit_em(
     solver_opts: dict | None = None,
     sample_batch: int | None = None,
     refresh_preconditioner: bool = False,
+    noise_margin: float = 3.0,
 ) -> EMHistory:
     """Run ``n_cycles`` of EM on ``la`` (a :class:`LinearisedLaplace`, Gaussian likelihood),
     updating its prior variances (and noise variance, Matérn lengthscales) in place.
@@ -74,7 +77,10 @@ def fit_em(
     in the first cycle only and rescale it to each later cycle's hyperparameters with one
     batched kernel product (:func:`~dip_uq.laplace.solvers.cg.refreshed_preconditioner`):
     exact for a tied scale change, approximate when lengthscales move, which costs CG
-    iterations but never accuracy. Returns the :class:`EMHistory`.
+    iterations but never accuracy. ``noise_margin``: the denominator of MacKay's
+    σ² = r²/(n_obs − γ̂) is floored at that many Monte-Carlo standard errors of γ̂ (from
+    the spread of the per-sample estimates; exact γ has none), so estimator noise near
+    γ ≈ n_obs cannot blow σ² up; ``hist.noise_update`` records "floored" where it acted. Returns the :class:`EMHistory`.
     """
     lik = la._gaussian("EM")
     if estimator not in ("function", "weight", "exact"):
@@ -148,7 +154,16 @@ def fit_em(
             else:
                 new_var = q_b / gamma_b
             resid = la.targets - la.linear_prediction(theta_lin)
-            new_noise = float((resid.double() ** 2).sum()) / max(system.n_obs - gamma, 1.0)
+            r2 = float((resid.double() ** 2).sum())
+            n_obs = system.n_obs
+            se = stats["gamma_se"] if stats is not None else 0.0
+            # γ̂ within its Monte-Carlo error of n_obs (a DIP that fits its data): r²/(n_obs − γ̂)
+            # is then a ratio of two small numbers, and a few units of error in γ̂ sent σ² up
+            # 1000x on a protocol image. The denominator is floored at noise_margin standard
+            # errors of γ̂ (estimated from the per-sample spread; exact γ has none).
+            denom = max(n_obs - gamma, noise_margin * se, 1.0)
+            new_noise = r2 / denom
+            how = "mackay" if denom == max(n_obs - gamma, 1.0) else "floored"
         if matern and update_lengthscale and stats is not None:
             _lengthscale_mstep(prior, theta_lin, stats["moments"], matern)
         prior.set_variances(new_var.clamp_min(1e-30).to(prior.log_variance.dtype))
@@ -167,6 +182,7 @@ def fit_em(
         hist.mode_residual.append(mode_res.residual)
         hist.sample_residual.append(sample_res.residual if sample_res is not None else 0.0)
         hist.converged.append(mode_res.converged and (sample_res is None or sample_res.converged))
+        hist.noise_update.append(how)
         hist.iterations.append(
             (mode_res.iterations, sample_res.iterations if sample_res is not None else 0)
         )
@@ -186,7 +202,7 @@ def _sample_statistics(system, solve, kw, noise, inits, batch, estimator, solver
     prior = system.prior
     n = noise.xi.shape[0]
     gamma_sum = quad_sum = None
-    mom = None
+    mom, totals = None, []  # per-sample γ̂ totals: the estimate's Monte-Carlo spread
     residual, converged, its, next_inits = 0.0, True, 0, []
     for i, start in enumerate(range(0, n, batch)):
         sl = slice(start, min(start + batch, n))
@@ -196,10 +212,14 @@ def _sample_statistics(system, solve, kw, noise, inits, batch, estimator, solver
         z = res.samples
         with torch.no_grad():
             if estimator == "function":
-                g = prior.selection.block_sum(z * system.Gt(system.G(z))).sum(0).double()
+                gk = prior.selection.block_sum(z * system.Gt(system.G(z))).double()
+                totals.append(gk.sum(1))
+                g = gk.sum(0)
                 gamma_sum = g if gamma_sum is None else gamma_sum + g
             else:
-                q = prior.block_quadratic(z).sum(0).double()
+                qk = prior.block_quadratic(z).double()
+                totals.append(-qk.sum(1))  # γ̂_k = d − quad_k: the same spread
+                q = qk.sum(0)
                 quad_sum = q if quad_sum is None else quad_sum + q
             if need_moments:
                 m = prior.second_moments(z)
@@ -222,6 +242,7 @@ def _sample_statistics(system, solve, kw, noise, inits, batch, estimator, solver
         "gamma_b": None if gamma_sum is None else gamma_sum / n,
         "quad": None if quad_sum is None else quad_sum / n,
         "moments": mom,
+        "gamma_se": float(torch.cat(totals).std() / n**0.5) if n > 1 else float("inf"),
     }
     combined = SolverResult(torch.empty(0), its, [], converged, residual)
     keep = next_inits if next_inits and all(x is not None for x in next_inits) else None

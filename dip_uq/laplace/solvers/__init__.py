@@ -25,7 +25,7 @@ def with_prebuilt_preconditioner(system: LinearSystem, solver: str, opts: dict) 
     once so that several solves at the same hyperparameters share it (EM's mode and sample
     solves of one cycle; the sample batches of a pipeline). The default probes are
     fixed-seed, so sharing changes no result. Unchanged when there is nothing to share:
-    other solvers, ``precond_rank=0``, sgd without ``precond="lowrank"``, cg with any
+    other solvers, ``precond_rank=0``, sgd with ``precond=None`` or a callable, cg with any
     ``precond`` entry (a prebuilt one, or None: every solve builds its own).
     A shared preconditioner is tied to the hyperparameters it was built at.
     """
@@ -33,7 +33,10 @@ def with_prebuilt_preconditioner(system: LinearSystem, solver: str, opts: dict) 
 
     if solver == "cg" and opts.get("precond_rank", 1) > 0 and "precond" not in opts:
         keys, fn = ("precond_rank", "oversample", "precond_chunk_size"), sample_cg
-    elif solver == "sgd" and opts.get("precond") == "lowrank":
+    elif solver == "sgd" and (
+        opts.get("precond", "auto") == "lowrank"
+        or (opts.get("precond", "auto") == "auto" and opts.get("batch_size") is None)
+    ):
         keys = ("precond_rank", "oversample", "precond_chunk_size", "precond_store")
         fn = sample_sgd
     else:

@@ -43,7 +43,7 @@ def sample_sgd(
     polyak: bool = False,
     check_every: int = 10,
     callback: Callable[[int, Callable[[], torch.Tensor]], bool] | None = None,
-    precond: str | LowRankPreconditioner | Callable[[torch.Tensor], torch.Tensor] | None = None,
+    precond: str | LowRankPreconditioner | Callable[[torch.Tensor], torch.Tensor] | None = "auto",
     precond_rank: int = 200,
     oversample: int = 10,
     precond_chunk_size: int | None = 32,
@@ -65,7 +65,8 @@ def sample_sgd(
     ``callback(it, current)`` is called at every check with a function returning the current
     θ ``(K, d)``; returning True stops the run (e.g. once an error against a reference is met).
 
-    ``precond="lowrank"`` preconditions the steps with P⁻¹ from
+    ``precond="auto"`` (default) is ``"lowrank"`` for full batches and plain sgd
+    (``precond=None``) under minibatches. ``precond="lowrank"`` preconditions the steps with P⁻¹ from
     :func:`~dip_uq.laplace.solvers.precond.lowrank_preconditioner` (rank ``precond_rank`` +
     ``oversample`` Ritz pairs of ĜĜᵀ; ``precond_store`` keeps V ``(d, r)`` instead of one
     extra JVP + VJP per step), or with a prebuilt P⁻¹ (any callable on ``(K, d)``, SPD).
@@ -81,9 +82,16 @@ def sample_sgd(
         if batch_size is not None and batch_size < system.n_data and not system.per_datum:
             raise ValueError("minibatches need observations grouped by datum (leading dim = data)")
         full = batch_size is None or batch_size >= system.n_data
+        if precond == "auto":
+            # lowrank for full batches; plain under minibatches: the preconditioned step
+            # 1/λ_max(P⁻¹P) is tuned to the full-batch curvature, and minibatch curvatures
+            # that P's subspace does not capture made it diverge in a test
+            precond = "lowrank" if full else None
         if isinstance(precond, str):
             if precond != "lowrank":
-                raise ValueError(f"precond must be None, 'lowrank' or a callable, got {precond!r}")
+                raise ValueError(
+                    f"precond must be None, 'auto', 'lowrank' or a callable, got {precond!r}"
+                )
             if not full and not precond_store:
                 raise ValueError(
                     "precond='lowrank' with minibatches needs precond_store=True (the "
@@ -98,7 +106,9 @@ def sample_sgd(
                 store=precond_store,
             )
         elif precond is not None and not callable(precond):
-            raise TypeError(f"precond must be None, 'lowrank' or a callable, got {type(precond)}")
+            raise TypeError(
+                f"precond must be None, 'auto', 'lowrank' or a callable, got {type(precond)}"
+            )
         step = precond if precond is not None else (lambda v: v)  # noqa: E731
         lam_max = None
         if lr is None or momentum == "auto":
