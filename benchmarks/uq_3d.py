@@ -134,6 +134,7 @@ def stage_uq(args) -> dict:
         n_samples=args.samples,
         sample_batch=args.samples,
         solver_opts=solver_opts,
+        dtype=torch.float64 if args.float64 else None,
         generator=torch.Generator().manual_seed(args.seed + 2),
         progress=False,
     )
@@ -219,6 +220,9 @@ def main(argv=None) -> int:
         "--solver-opts",
         default='{"max_iter": 30, "tol": 0.01, "precond_rank": 0}',
         help="JSON dict passed to the solver",
+    )
+    p.add_argument(
+        "--float64", action="store_true", help="linearised stage in float64 (CG on CT kernels)"
     )
     p.add_argument("--em-cycles", type=int, default=3)
     p.add_argument("--em-samples", type=int, default=4)

@@ -358,9 +358,9 @@ def _fit_hyper(
                 notes,
                 f"EM: the effective dimension γ reached the number of observations ({n_obs}) "
                 f"in cycle(s) {over}, which is impossible for converged samples (γ ≤ rank M); "
-                "σ² took the bounded expectation update there (noise_update). If the samples "
-                "did not converge, use dtype=torch.float64, a larger precond_rank or more "
-                "solver iterations",
+                "σ²'s denominator n_obs − γ̂ was floored at three Monte-Carlo standard errors "
+                "there (noise_update). If the samples did not converge, use "
+                "dtype=torch.float64, a larger precond_rank or more solver iterations",
             )
         if not all(hist.converged[-1:]):
             _warn(
@@ -461,8 +461,12 @@ def reconstruct_with_uncertainty(
         n_samples: samples for the std map (the std's relative Monte-Carlo error is about
             1/sqrt(2 n_samples)).
         em_cycles, em_samples, em_solver: EM settings (``em_solver`` defaults to ``solver``).
-        tied: EM keeps one prior variance shared by all blocks (default: per-block EM with
-            few observations drifted to degenerate block variances and NaNs).
+        tied: EM keeps one prior variance shared by all blocks (default). ``False`` is the
+            methods' schedule, two tied cycles then per-block updates: with the exact γ
+            (``solver="exact"``) it beat tied EM by 0.04-0.07 nats/voxel and DIP-MCDO on every
+            protocol image at methods §5 settings (benchmarks/README.md); with few samples
+            (the demo's 8) the block estimates γ̂_b are unresolved, those blocks keep their
+            variance, and it reduces to tied EM.
         em_estimator: effective-dimension estimator of EM: ``"function"``, ``"weight"`` or
             ``"exact"`` (only with ``em_solver="exact"``); default ``"exact"`` with the exact
             solver (no Monte-Carlo error: γ from the dense factors), else ``"function"``. The engine clips only
@@ -471,8 +475,9 @@ def reconstruct_with_uncertainty(
             samples, 3.3 % with 64 and 0.6 % with 256 (3 seeds each). γ̂ needs converged
             samples: an unconverged solve inflates it, and γ̂ ≥ n_obs (impossible: γ ≤
             rank M ≤ n_obs) is reported as a ``RuntimeWarning``. When γ̂ is within three
-            Monte-Carlo standard errors of n_obs, EM's σ² step uses the bounded expectation
-            form instead of r²/(n_obs − γ̂) (``trajectories["noise_update"]``).
+            Monte-Carlo standard errors of n_obs, EM's σ² = r²/(n_obs − γ̂) has its
+            denominator floored there (``trajectories["noise_update"]``); per-block steps
+            skip blocks whose γ̂_b is within three standard errors of zero.
         dtype: dtype of the linearised stage (network, input and data are cast to it);
             default ``y``'s. Use ``torch.float64`` when GΣGᵀ is badly conditioned: float32
             kernel products carry an absolute error ≈ eps·λ_max(GΣGᵀ), and CT kernels have

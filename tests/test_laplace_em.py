@@ -392,3 +392,41 @@ def test_noise_step_stays_bounded_when_gamma_hat_reaches_n_obs():
         hist = run(3.0, s)
         assert _rel(hist.noise_var[-1], noise_ref) < 0.5
         assert "floored" in hist.noise_update and all(math.isfinite(v) for v in hist.noise_var)
+
+
+def test_per_block_step_skips_blocks_whose_gamma_hat_is_unresolved():
+    """Block b sees its inputs scaled by 1e-3 (γ_b ≈ 0.03 of 20): its 8-sample function-space
+    share is noise around zero, and q_b/γ̂_b would be arbitrary (10⁶-10²⁰ in the demo).
+    Such a block keeps its variance; the determined block a gets MacKay's update."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(20, 1, bias=False)
+            self.b = nn.Linear(20, 1, bias=False)
+
+        def forward(self, x):
+            return self.a(x[:, :20]) + self.b(1e-3 * x[:, 20:])
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(100, 40, generator=g, dtype=torch.float64)
+    w = 0.5 * torch.randn(20, 1, generator=g, dtype=torch.float64)
+    y = X[:, :20] @ w + 0.1 * torch.randn(100, 1, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    la0 = LinearisedLaplace(Two().double(), Gaussian(0.05), X, y, prior_variance=1.0)
+    assert la0.selection.n_blocks == 2
+
+    def one_cycle(margin):
+        la = copy.deepcopy(la0)
+        gen = torch.Generator().manual_seed(0)
+        kw = dict(n_cycles=1, n_samples=8, solver="exact", tied_cycles=0, generator=gen)
+        hist = fit_em(la, estimator="function", noise_margin=margin, **kw)
+        return hist.prior_variance[-1], hist.gamma[-1]
+
+    exact = fit_em(copy.deepcopy(la0), n_cycles=1, solver="exact", estimator="exact", tied_cycles=0)
+    var, gam = one_cycle(3.0)
+    assert float(var[1]) == 1.0  # unresolved: kept
+    assert abs(float(gam[0]) - float(exact.gamma[-1][0])) < 2.0  # ≈ 20, resolved
+    assert _rel(var[0], exact.prior_variance[-1][0]) < 0.1
+    var0, _ = one_cycle(0.0)  # without the test the noise sets block b's variance
+    assert float(var0[1]) != 1.0
