@@ -463,8 +463,8 @@ def reconstruct_with_uncertainty(
         em_cycles, em_samples, em_solver: EM settings (``em_solver`` defaults to ``solver``).
         tied: EM keeps one prior variance shared by all blocks (default). ``False`` is the
             methods' schedule, two tied cycles then per-block updates: with the exact γ
-            (``solver="exact"``) it beat tied EM by 0.04-0.07 nats/voxel and DIP-MCDO on every
-            protocol image at methods §5 settings (benchmarks/README.md); with few samples
+            (``solver="exact"``) it beat tied EM by 0.02-0.11 nats/voxel on all eight protocol
+            images at methods §5 settings (benchmarks/README.md); with few samples
             (the demo's 8) the block estimates γ̂_b are unresolved, those blocks keep their
             variance, and it reduces to tied EM.
         em_estimator: effective-dimension estimator of EM: ``"function"``, ``"weight"`` or
