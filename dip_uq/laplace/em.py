@@ -80,7 +80,8 @@ def fit_em(
     iterations but never accuracy. ``noise_margin``: the denominator of MacKay's
     σ² = r²/(n_obs − γ̂) is floored at that many Monte-Carlo standard errors of γ̂ (from
     the spread of the per-sample estimates; exact γ has none), so estimator noise near
-    γ ≈ n_obs cannot blow σ² up; ``hist.noise_update`` records "floored" where it acted. Returns the :class:`EMHistory`.
+    γ ≈ n_obs cannot blow σ² up; ``hist.noise_update`` records "floored" where it acted.
+    Returns the :class:`EMHistory`.
     """
     lik = la._gaussian("EM")
     if estimator not in ("function", "weight", "exact"):
@@ -136,7 +137,7 @@ def fit_em(
                 solver,
                 need_moments=bool(matern and update_lengthscale),
             )
-            gamma_b = stats["gamma_b"] if estimator == "function" else sizes - stats["quad"]
+            gamma_b = stats["gamma_b"]
         # The total γ is clipped after summing: clipping each block at 0 first would turn
         # the estimator's zero-mean noise in poorly determined blocks into a positive bias
         # (σ² too small with few samples). Clipped to [1, d], not d − 1: with well-determined
@@ -210,8 +211,9 @@ def _unresolved_blocks(gamma_b, stats, margin):
 def _sample_statistics(system, solve, kw, noise, inits, batch, estimator, solver, need_moments):
     """E-step (b) in batches of ``batch`` draws: returns (stats, combined result, warm starts).
 
-    stats: ``gamma_b`` = mean_k block sums of z ⊙ GᵀG z (function-space γ̂), ``quad`` =
-    mean_k z_bᵀΣ_b⁻¹z_b (weight-space), ``moments`` = the prior's tap moments of z (Matérn
+    stats: ``gamma_b`` = mean_k of the per-sample block estimates (function space: block sums
+    of z ⊙ GᵀG z; weight space: d_b − z_bᵀΣ_b⁻¹z_b), ``gamma_per_sample`` those estimates
+    ``(n, n_blocks)``, ``gamma_se`` the standard error of their total, ``moments`` = the prior's tap moments of z (Matérn
     lengthscale step). Warm starts for the next cycle: sgd keeps u = L⁻¹z per batch (so the
     same z under the new prior), cg/sdd the dual α.
     """
@@ -219,8 +221,7 @@ def _sample_statistics(system, solve, kw, noise, inits, batch, estimator, solver
 
     prior = system.prior
     n = noise.xi.shape[0]
-    gamma_sum = quad_sum = None
-    mom, totals = None, []  # per-sample γ̂ totals: the estimate's Monte-Carlo spread
+    mom, per_sample = None, []  # per-sample block estimates γ̂_k,b: their spread is the MC error
     residual, converged, its, next_inits = 0.0, True, 0, []
     for i, start in enumerate(range(0, n, batch)):
         sl = slice(start, min(start + batch, n))
@@ -230,15 +231,10 @@ def _sample_statistics(system, solve, kw, noise, inits, batch, estimator, solver
         z = res.samples
         with torch.no_grad():
             if estimator == "function":
-                gk = prior.selection.block_sum(z * system.Gt(system.G(z))).double()
-                totals.append(gk)
-                g = gk.sum(0)
-                gamma_sum = g if gamma_sum is None else gamma_sum + g
-            else:
+                per_sample.append(prior.selection.block_sum(z * system.Gt(system.G(z))).double())
+            else:  # weight space: γ̂_k,b = d_b − z_bᵀΣ_b⁻¹z_b
                 qk = prior.block_quadratic(z).double()
-                totals.append(prior.selection.block_sizes().to(qk) - qk)  # γ̂_k,b = d_b − quad
-                q = qk.sum(0)
-                quad_sum = q if quad_sum is None else quad_sum + q
+                per_sample.append(prior.selection.block_sizes().to(qk) - qk)
             if need_moments:
                 m = prior.second_moments(z)
                 k = z.shape[0]
@@ -254,12 +250,11 @@ def _sample_statistics(system, solve, kw, noise, inits, batch, estimator, solver
         residual, converged = max(residual, res.residual), converged and res.converged
         its = max(its, res.iterations)
         del z, res
-    per = torch.cat(totals)  # (n, n_blocks) per-sample block estimates
+    per = torch.cat(per_sample)  # (n, n_blocks)
     if mom is not None:
         mom = {"diag": mom["diag"] / n, "filters": [f / n for f in mom["filters"]]}
     stats = {
-        "gamma_b": None if gamma_sum is None else gamma_sum / n,
-        "quad": None if quad_sum is None else quad_sum / n,
+        "gamma_b": per.mean(0),
         "moments": mom,
         # per-sample block estimates ``(n, n_blocks)``: the Monte-Carlo error of any sum of γ̂_b
         "gamma_per_sample": per,
