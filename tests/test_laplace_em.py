@@ -52,35 +52,23 @@ def test_sample_based_em_within_2_percent_blr(estimator):
     assert len(hist.gamma) == 12 and all(hist.converged)
 
 
-def _ct_small():
-    """(c)-type problem, small: d = 1296 conv weights in one Normal block, d_y = 100."""
-    return ct_like(
-        side=12,
-        n_meas=100,
-        channels=8,
-        noise=0.1,
-        prior_variance=0.05,
-        noise_var=0.02,
-        blocks="single",
+def _ct_small(full: bool = False):
+    """(c)-type problem, conv weights in one Normal block: small d = 1296, d_y = 100;
+    full d = 4896, d_y = 200."""
+    size = (
+        dict(side=16, n_meas=200, channels=16, prior_variance=0.02)
+        if full
+        else dict(side=12, n_meas=100, channels=8, prior_variance=0.05)
     )
+    return ct_like(noise=0.1, noise_var=0.02, blocks="single", **size)
 
 
 @pytest.mark.parametrize("size", ["small", pytest.param("full", marks=pytest.mark.slow)])
 def test_em_fixed_point_ct_like(size):
     """(c): CNN + dense operator, conv weights under one Normal block; full: d ≈ 5k, d_y = 200."""
+    la = _ct_small(full=size == "full")
     if size == "full":
-        la = ct_like(
-            side=16,
-            n_meas=200,
-            channels=16,
-            noise=0.1,
-            prior_variance=0.02,
-            noise_var=0.02,
-            blocks="single",
-        )
         assert la.d == 4896 and la.system().n_obs == 200
-    else:
-        la = _ct_small()
     var_ref, noise_ref = _reference(la)
     exact = copy.deepcopy(la)
     hist = fit_em(exact, n_cycles=15, solver="exact", estimator="exact")

@@ -13,7 +13,7 @@ from .cg import nystrom_preconditioner, sample_cg
 from .exact import dense_factors, functional_covariance, robust_cholesky, sample_exact
 from .precond import LowRankPreconditioner, lowrank_preconditioner
 from .sdd import sample_sdd
-from .sgd import sample_sgd
+from .sgd import resolve_precond, sample_sgd
 from .system import LinearSystem, Noise, SolverResult, draw_noise
 
 SOLVERS = {"exact": sample_exact, "sgd": sample_sgd, "cg": sample_cg, "sdd": sample_sdd}
@@ -33,9 +33,13 @@ def with_prebuilt_preconditioner(system: LinearSystem, solver: str, opts: dict) 
 
     if solver == "cg" and opts.get("precond_rank", 1) > 0 and "precond" not in opts:
         keys, fn = ("precond_rank", "oversample", "precond_chunk_size"), sample_cg
-    elif solver == "sgd" and (
-        opts.get("precond", "auto") == "lowrank"
-        or (opts.get("precond", "auto") == "auto" and opts.get("batch_size") is None)
+    elif (
+        solver == "sgd"
+        and resolve_precond(
+            opts.get("precond", "auto"),
+            opts.get("batch_size") is None or opts["batch_size"] >= system.n_data,
+        )
+        == "lowrank"
     ):
         keys = ("precond_rank", "oversample", "precond_chunk_size", "precond_store")
         fn = sample_sgd

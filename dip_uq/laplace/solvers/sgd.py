@@ -18,13 +18,23 @@ import torch
 from .precond import LowRankPreconditioner, lowrank_preconditioner, preconditioned_lambda_max
 from .system import LinearSystem, Noise, SolverResult, draw_noise
 
-__all__ = ["sample_sgd", "auto_momentum"]
+__all__ = ["sample_sgd", "auto_momentum", "resolve_precond"]
 
 
 def auto_momentum(lam_max: float) -> float:
     """Nesterov momentum (√κ − 1)/(√κ + 1) for κ = λ_max(ĜᵀĜ) + 1, clipped to [0.9, 0.999]."""
     root = math.sqrt(max(float(lam_max), 0.0) + 1.0)
     return float(min(max((root - 1.0) / (root + 1.0), 0.9), 0.999))
+
+
+def resolve_precond(precond, full: bool):
+    """``precond="auto"`` → ``"lowrank"`` for full batches, None (plain sgd) under
+    minibatches: the preconditioned step 1/λ_max(P⁻¹P) is tuned to the full-batch
+    curvature, and minibatch curvatures that P's subspace misses made it diverge in a test.
+    Any other value is returned unchanged."""
+    if isinstance(precond, str) and precond == "auto":
+        return "lowrank" if full else None
+    return precond
 
 
 def sample_sgd(
@@ -82,11 +92,7 @@ def sample_sgd(
         if batch_size is not None and batch_size < system.n_data and not system.per_datum:
             raise ValueError("minibatches need observations grouped by datum (leading dim = data)")
         full = batch_size is None or batch_size >= system.n_data
-        if precond == "auto":
-            # lowrank for full batches; plain under minibatches: the preconditioned step
-            # 1/λ_max(P⁻¹P) is tuned to the full-batch curvature, and minibatch curvatures
-            # that P's subspace does not capture made it diverge in a test
-            precond = "lowrank" if full else None
+        precond = resolve_precond(precond, full)
         if isinstance(precond, str):
             if precond != "lowrank":
                 raise ValueError(
