@@ -78,6 +78,16 @@ def test_images(n: int, seed: int = 0) -> torch.Tensor:
     return torch.stack([random_ellipses(28, n_ellipses=8, generator=g) for _ in range(n)])
 
 
+def net_overrides(args) -> dict:
+    """Changes to the ``small`` preset shared by the plain DIP and DIP-MCDO's dropout net."""
+    out = {}
+    if args.channels:
+        out["channels"] = (args.channels,) * 3
+    if args.output == "linear":
+        out["use_sigmoid"] = False
+    return out
+
+
 def run_image(x, n_angles, noise, args, seed):
     op = kmnist_operator(n_angles)
     g = torch.Generator().manual_seed(seed)
@@ -87,12 +97,12 @@ def run_image(x, n_angles, noise, args, seed):
     rank = discrepancy_rank(op, y, std**2)
     delta = backprojected_noise_delta(op, std**2, rank=rank)
     t0 = time.perf_counter()
+    overrides = net_overrides(args)
     net = None
-    if args.channels:
-        from dip_uq.dip import UNet, UNetConfig
+    if overrides:
+        from dip_uq.dip import UNet
 
-        c = args.channels
-        net = UNet(UNetConfig(channels=(c, c, c), skip_channels=(0, 4, 4)), generator=g)
+        net = UNet.from_preset("small", generator=g, **overrides)
     dip = fit_dip(
         op, y, net=net, tv_weight=gamma, iterations=its, lr=args.lr, generator=g, progress=False
     )
@@ -156,7 +166,7 @@ def run_image(x, n_angles, noise, args, seed):
         mc = dip_mcdo(
             y,
             op,
-            net_overrides={"channels": (args.channels,) * 3} if args.channels else None,
+            net_overrides=overrides or None,
             tv_weight=gamma,
             iterations=its,
             lr=args.lr,
@@ -271,6 +281,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--channels", type=int, default=0, help="U-Net channels (0: the small preset, 32)"
     )
+    p.add_argument(
+        "--output",
+        choices=("sigmoid", "linear"),
+        default="linear",
+        help="U-Net output of every DIP (plain and MCDO): 'sigmoid' is the small preset's; "
+        "'linear' avoids the saturated sigmoid that loses small isolated features",
+    )
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--solver", default="cg", choices=("cg", "exact", "sgd", "sdd"))
     p.add_argument("--em-cycles", type=int, default=8)
@@ -303,7 +320,7 @@ def main(argv=None) -> int:
                 (args.out / "partial.json").write_text(json.dumps(raw, indent=2, default=str))
             results[key] = summarise(rows)
     (args.out / "results.json").write_text(
-        json.dumps({"summary": results, "raw": raw}, indent=2, default=str)
+        json.dumps({"args": vars(args), "summary": results, "raw": raw}, indent=2, default=str)
     )
     md = table(results)
     (args.out / "table.md").write_text(md)

@@ -50,6 +50,12 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--net", default="small", help="U-Net preset (small, large) or a pretrained .pt file"
     )
+    p.add_argument(
+        "--linear-output",
+        action="store_true",
+        help="no output sigmoid (the small preset has one; where it saturates, e.g. on a "
+        "zero background, small features are lost and the linearised std is ~0)",
+    )
     p.add_argument("--init", default="fbp", choices=("fbp", "backprojection", "noise"))
     p.add_argument(
         "--edip-iterations",
@@ -82,6 +88,12 @@ def _add_uncertainty(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tv-weight", type=float, default=1e-4, help="TV weight gamma (1e-4)")
     p.add_argument("--lr", type=float, default=1e-4, help="DIP Adam learning rate (1e-4)")
     p.add_argument("--net", default="small", help="U-Net preset (small, large) or a .pt file")
+    p.add_argument(
+        "--linear-output",
+        action="store_true",
+        help="no output sigmoid (the small preset has one; where it saturates, e.g. on a "
+        "zero background, small features are lost and the linearised std is ~0)",
+    )
     p.add_argument("--init", default="fbp", choices=("fbp", "backprojection", "noise"))
     p.add_argument("--prior", default="matern", choices=("matern", "normal", "g-prior"))
     p.add_argument("--hyper", default="em", choices=("em", "mll", "fixed"))
@@ -135,6 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------ commands
+def _net_choice(args: argparse.Namespace, *, ndim: int):
+    """``--net`` (preset name or .pt file) and ``--linear-output`` as a ``fit_dip`` net."""
+    from .dip import PRESETS, preset_config
+
+    net = args.net
+    if net.endswith(".pt"):
+        net = Path(net)
+        if not net.is_file():
+            raise CLIError(f"{net}: pretrained network file not found")
+        if args.linear_output:
+            raise CLIError("--linear-output changes a preset; a pretrained .pt net keeps its own")
+        return net
+    if net not in PRESETS:
+        raise CLIError(f"--net {net!r}: choose a preset {PRESETS} or a .pt file")
+    return preset_config(net, ndim=ndim, use_sigmoid=False) if args.linear_output else net
+
+
 def _read_sinogram(path: Path, key: str | None):
     """Read the sinogram with ``dip_uq.io.read_array`` (errors name the file)."""
     import numpy as np
@@ -182,11 +211,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         raise CLIError(f"--device {args.device}: CUDA is not available in this torch build/machine")
     y = torch.as_tensor(np.ascontiguousarray(sino), dtype=torch.float32, device=device)
     op = RayTransform(volume, geometry)
-    net = args.net
-    if net.endswith(".pt"):
-        net = Path(net)
-        if not net.is_file():
-            raise CLIError(f"{net}: pretrained network file not found")
+    net = _net_choice(args, ndim=len(volume.shape))
     out: Path = args.out.expanduser()
     if args.edip_iterations < 0:
         raise CLIError(f"--edip-iterations must be >= 0, got {args.edip_iterations}")
@@ -252,6 +277,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         "tv_weight": args.tv_weight,
         "lr": args.lr,
         "net": str(args.net),
+        "linear_output": bool(args.linear_output),
         "init": args.init,
         "seed": args.seed,
         "best_iteration": res.best_iteration,
@@ -288,11 +314,7 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
                 f"{args.ground_truth}: ground truth shape {tuple(gt.shape)} does not match the "
                 f"volume {tuple(volume.shape)}"
             )
-    net = args.net
-    if net.endswith(".pt"):
-        net = Path(net)
-        if not net.is_file():
-            raise CLIError(f"{net}: pretrained network file not found")
+    net = _net_choice(args, ndim=len(volume.shape))
     y = torch.as_tensor(np.ascontiguousarray(sino), dtype=torch.float32)
     op = RayTransform(volume, geometry)
     out: Path = args.out.expanduser()

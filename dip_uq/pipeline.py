@@ -57,6 +57,8 @@ DIVERGENCE_MESSAGE = "non-finite values (NaN/inf) appeared in the {stage} stage"
 
 #: fit_dip settings used when ``dip`` is None (a short fit; pass your own for real work)
 DEFAULT_DIP = {"tv_weight": 1e-4, "iterations": 2000, "lr": 1e-3}
+#: warn when the output sigmoid is flat (slope < 1e-4) at more than this fraction of voxels
+SATURATION_WARN = 0.1
 
 
 class _VolumeModel(nn.Module):
@@ -557,6 +559,18 @@ def reconstruct_with_uncertainty(
         )
     _finite_or_raise("DIP", image)
     image = image.to(y.dtype)
+    # a saturated output sigmoid passes no gradient: zero linearised variance there
+    advisories: list[str] = []  # warnings that do not mean non-convergence
+    saturated = net.saturated_fraction(z0) if hasattr(net, "saturated_fraction") else 0.0
+    if saturated > SATURATION_WARN:
+        advisories.append(
+            f"the network's output sigmoid is saturated at {100 * saturated:.0f} % of the voxels "
+            "(slope < 1e-4): the linearised std there is ~0 whatever the data say, and the DIP "
+            "could not change those voxels (small features pushed there are lost). A linear "
+            "output avoids both: dip={..., 'net': {'use_sigmoid': False}} (other fields default to "
+            "the small preset; docs/dip.md)"
+        )
+        warnings.warn(advisories[-1], RuntimeWarning, stacklevel=2)
 
     # 2-3. linearisation and prior
     t0 = time.perf_counter()
@@ -729,6 +743,8 @@ def reconstruct_with_uncertainty(
             "dtype": str(y.dtype).replace("torch.", ""),
             "converged": not notes,
             "warnings": notes,
+            "saturated_fraction": saturated,
+            "advisories": advisories,  # warnings about the model, not about convergence
         },
         samples=torch.cat(kept) if kept else None,
         covariance=cov,

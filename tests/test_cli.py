@@ -360,3 +360,19 @@ def test_reconstruct_with_edip_pretraining(tmp_path, capsys):
         ],
     )
     assert "either --net" in err
+
+
+def test_reconstruct_linear_output(tmp_path, capsys):
+    """--linear-output trains the preset without its output sigmoid."""
+    spath, gpath, _ = _scan(tmp_path)
+    out = tmp_path / "lin"
+    argv = ["reconstruct", str(spath), "-g", str(gpath), "-o", str(out), "--iterations", "2"]
+    rc = main([*argv, "--linear-output", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    ck = torch.load(out / "checkpoints" / "dip_checkpoint.pt", weights_only=False)
+    assert ck["net_config"]["use_sigmoid"] is False
+    assert ck["net_config"]["channels"] == [32, 32, 32]
+    pt = tmp_path / "fake.pt"
+    pt.write_bytes(b"")
+    assert "keeps its own" in _run_err(capsys, [*argv, "--net", str(pt), "--linear-output"])
+    assert "choose a preset" in _run_err(capsys, [*argv, "--net", "medium"])

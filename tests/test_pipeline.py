@@ -367,3 +367,39 @@ def test_protocol28_noise_variance(protocol28):
     _, nv_exact, _ = tied_evidence_maximiser(em.laplace)
     assert em.noise_var == pytest.approx(nv_exact, rel=0.10)
     assert em.noise_var == pytest.approx(p["std"] ** 2, rel=0.20)
+
+
+def test_saturated_sigmoid_is_reported(problem):
+    """An output sigmoid pushed past its useful range passes no gradient: the linearised std
+    is ~0 there. The pipeline says so (an advisory, not a convergence failure); a linear
+    output has no such voxels."""
+    import copy
+
+    net = copy.deepcopy(problem["dip"].net)
+    z = problem["dip"].input
+    with torch.no_grad():
+        net.outc.bias.fill_(-30.0)  # every pre-activation far below the ±15 clamp
+    assert net.saturated_fraction(z) == 1.0
+    kw = dict(hyper="fixed", solver="exact", n_samples=8, progress=False)
+    with pytest.warns(RuntimeWarning, match="saturated at 100 %"):
+        res = reconstruct_with_uncertainty(problem["y"], problem["op"], dip=net, net_input=z, **kw)
+    assert res.diagnostics["saturated_fraction"] == 1.0
+    assert res.converged and any("sigmoid" in a for a in res.diagnostics["advisories"])
+    assert float(res.std.max()) == 0.0  # what the advisory warns about
+
+    linear = UNet(
+        UNetConfig(channels=(4, 4), skip_channels=(0, 2), use_sigmoid=False),
+        generator=torch.Generator().manual_seed(1),
+    ).double()
+    linear.load_state_dict(problem["dip"].net.state_dict())
+    with torch.no_grad():
+        linear.outc.bias.fill_(-30.0)
+    assert linear.saturated_fraction(z) == 0.0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = reconstruct_with_uncertainty(
+            problem["y"], problem["op"], dip=linear, net_input=z, **kw
+        )
+    assert res.diagnostics["saturated_fraction"] == 0.0 and float(res.std.min()) > 0

@@ -130,3 +130,42 @@ def test_cpu_conv3d_decomposition_equals_conv3d(cin, stride):
     g2 = torch.autograd.grad((ref * w).sum(), (x, conv.weight, conv.bias))
     for a, b in zip(g1, g2):
         assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_saturated_fraction_matches_finite_differences():
+    """The flat-output fraction equals the share of voxels whose output moves less than
+    1e-4 per unit of pre-activation, measured by nudging outc's bias (which shifts every
+    pre-activation by the same amount)."""
+    g = torch.Generator().manual_seed(0)
+    net = UNet(UNetConfig(channels=(4, 4), skip_channels=(0, 2)), generator=g).double()
+    z = torch.randn(1, 1, 16, 16, generator=g, dtype=torch.float64)
+    with torch.no_grad():  # spread the pre-activations over [-27, 3]: past the clamp and live
+        wf = net.pre_activation(z) - net.outc.bias
+        a = 30.0 / float(wf.max() - wf.min())
+        net.outc.weight.mul_(a)
+        net.outc.bias.fill_(-12.0 - a * float(wf.mean()))
+    t = net.pre_activation(z).detach()
+    assert t.min() < -15 and t.max() > -9  # some voxels live, some beyond the clamp
+    h = 1e-6
+    with torch.no_grad():
+        lo = net(z)
+        net.outc.bias.add_(h)
+        hi = net(z)
+        net.outc.bias.sub_(h)
+    slope = (hi - lo) / h
+    frac = net.saturated_fraction(z)
+    assert 0.05 < frac < 0.95
+    assert frac == pytest.approx(float((slope < 1e-4).double().mean()), abs=1.5 / z.numel())
+    linear = UNet(UNetConfig(channels=(4, 4), skip_channels=(0, 2), use_sigmoid=False))
+    assert linear.saturated_fraction(z.float()) == 0.0
+
+
+def test_preset_config_overrides():
+    from dip_uq.dip import preset_config
+
+    cfg = preset_config("small", use_sigmoid=False)
+    assert cfg.use_sigmoid is False and cfg.channels == (32, 32, 32)
+    assert cfg.skip_channels == (0, 4, 4) and preset_config("small").use_sigmoid
+    assert UNet.from_preset("small", use_sigmoid=False).config == cfg
+    with pytest.raises(ValueError, match="unknown UNet preset"):
+        preset_config("medium")

@@ -4,7 +4,15 @@ from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .pretrain import PretrainResult, load_pretrained, pretrain_edip, save_pretrained
 from .trainer import DIPResult, VarianceStopping, fit_dip, initial_input
 from .tv import tv, tv_subgradient
-from .unet import PRESETS, UNet, UNetConfig, build_unet, conv_weight_count, mc_dropout_samples
+from .unet import (
+    PRESETS,
+    UNet,
+    UNetConfig,
+    build_unet,
+    conv_weight_count,
+    mc_dropout_samples,
+    preset_config,
+)
 
 __all__ = [
     "fit_dip",
@@ -21,6 +29,7 @@ __all__ = [
     "UNet",
     "UNetConfig",
     "PRESETS",
+    "preset_config",
     "build_unet",
     "conv_weight_count",
     "mc_dropout_samples",

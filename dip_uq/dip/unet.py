@@ -40,7 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNetConfig", "UNet", "PRESETS", "build_unet", "conv_weight_count", "mc_dropout_samples"]
+__all__ = [
+    "UNetConfig",
+    "UNet",
+    "PRESETS",
+    "preset_config",
+    "build_unet",
+    "conv_weight_count",
+    "mc_dropout_samples",
+]
 
 _SIGMOID_CLAMP = 15.0
 
@@ -122,6 +130,13 @@ def _preset(name: str, ndim: int) -> UNetConfig:
 
 
 PRESETS = ("small", "large")
+
+
+def preset_config(name: str, *, ndim: int = 2, **overrides) -> UNetConfig:
+    """The config of preset ``name`` with ``overrides`` replacing fields, e.g.
+    ``preset_config("small", use_sigmoid=False)`` for a linear output."""
+    cfg = _preset(name, ndim)
+    return UNetConfig(**{**cfg.to_dict(), **overrides}) if overrides else cfg
 
 
 class _MCDropout(nn.Module):
@@ -281,10 +296,7 @@ class UNet(nn.Module):
     ) -> UNet:
         """``small`` or ``large`` (see module docstring); ``overrides`` replace config fields,
         e.g. ``dropout=0.05`` for the MC-dropout variant."""
-        cfg = _preset(name, ndim)
-        if overrides:
-            cfg = UNetConfig(**{**cfg.to_dict(), **overrides})
-        return cls(cfg, generator=generator)
+        return cls(preset_config(name, ndim=ndim, **overrides), generator=generator)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -328,6 +340,20 @@ class UNet(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.activation(self.pre_activation(z))
+
+    @torch.no_grad()
+    def saturated_fraction(self, z: torch.Tensor, *, slope: float = 1e-4) -> float:
+        """Fraction of output voxels where the output's slope d out / d t is below ``slope``
+        (0 without the sigmoid). There the sigmoid, σ'(t) = σ(t)(1 − σ(t)) ≤ 1e-4 for
+        |t| ≥ 9.2 and exactly 0 beyond the ±15 clamp, passes no gradient: the DIP cannot
+        move those voxels (a small feature pushed there early is lost for good) and the
+        linearised model gives them zero variance."""
+        if not self.config.use_sigmoid:
+            return 0.0
+        t = self.pre_activation(z)
+        s = torch.sigmoid(t.clamp(-_SIGMOID_CLAMP, _SIGMOID_CLAMP))
+        flat = (s * (1 - s) < slope) | (t.abs() >= _SIGMOID_CLAMP)
+        return float(flat.double().mean())
 
     # ------------------------------------------------------------------ introspection
     def blocks(self) -> dict[str, list[str]]:
