@@ -284,9 +284,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--output",
         choices=("sigmoid", "linear"),
-        default="linear",
-        help="U-Net output of every DIP (plain and MCDO): 'sigmoid' is the small preset's; "
-        "'linear' avoids the saturated sigmoid that loses small isolated features",
+        default="sigmoid",
+        help="U-Net output of every DIP (plain and MCDO): 'sigmoid' is the small preset's "
+        "(trained with fit_dip's saturation barrier); 'linear' has none",
     )
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--solver", default="cg", choices=("cg", "exact", "sgd", "sdd"))

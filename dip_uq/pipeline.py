@@ -566,9 +566,9 @@ def reconstruct_with_uncertainty(
         advisories.append(
             f"the network's output sigmoid is saturated at {100 * saturated:.0f} % of the voxels "
             "(slope < 1e-4): the linearised std there is ~0 whatever the data say, and the DIP "
-            "could not change those voxels (small features pushed there are lost). A linear "
-            "output avoids both: dip={..., 'net': {'use_sigmoid': False}} (other fields default to "
-            "the small preset; docs/dip.md)"
+            "could not change those voxels (small features pushed there are lost). fit_dip's "
+            "saturation barrier (on by default) prevents it; so does a linear output, "
+            "dip={..., 'net': {'use_sigmoid': False}} (docs/dip.md)"
         )
         warnings.warn(advisories[-1], RuntimeWarning, stacklevel=2)
 

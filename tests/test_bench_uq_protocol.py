@@ -40,7 +40,7 @@ def test_protocol_toy_run(proto, tmp_path):
     ]  # fmt: skip
     assert proto.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["args"]["output"] == "linear"
+    assert res["args"]["output"] == "sigmoid"  # the small preset, with the saturation barrier
     s = res["summary"]["5 angles, 10% noise"]
     for m in ("lin-DIP EM", "DIP sigma2=1", "DIP-MCDO"):
         assert math.isfinite(s[m]["test_ll"][0]) and math.isfinite(s[m]["psnr"][0])

@@ -222,6 +222,8 @@ def test_resume_refuses_a_different_problem(tmp_path):
         fit_dip(op, y, net=_tiny_net(), tv_weight=2e-3, resume=True, **kw)
     with pytest.raises(CheckpointError, match="sinogram values differ"):
         fit_dip(op, y * 1.1, net=_tiny_net(), tv_weight=1e-3, resume=True, **kw)
+    with pytest.raises(CheckpointError, match="saturation barrier"):
+        fit_dip(op, y, net=_tiny_net(), tv_weight=1e-3, resume=True, saturation_barrier=6.0, **kw)
     (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         fit_dip(op, y, net=_tiny_net(), tv_weight=1e-3, resume=True, **kw)
@@ -400,3 +402,57 @@ def test_vector_geometry_falls_back_to_backprojection_input():
     with pytest.warns(UserWarning):
         res = fit_dip(op, y, net=net, tv_weight=0.0, iterations=2, progress=False)
     assert res.image.shape == (8, 8, 8)
+
+
+# ------------------------------------------------------------------------------ saturation
+def _dead_net(**kw) -> UNet:
+    """Every output pre-activation past the sigmoid's -15 clamp: no gradient reaches it."""
+    net = _tiny_net(**kw)
+    with torch.no_grad():
+        net.outc.bias.fill_(-20.0)
+    return net
+
+
+def test_saturation_barrier_revives_a_dead_sigmoid_output():
+    """Without the barrier a fully saturated sigmoid U-Net receives zero gradient and never
+    moves (the failure that loses small features on sparse images, docs/dip.md); with it the
+    pre-activations climb back towards the live range and the fit starts."""
+    op, x, y = _problem_2d(16, 8)
+    kw = dict(tv_weight=1e-4, iterations=200, lr=1e-2, generator=_gen(), progress=False)
+    stuck = fit_dip(op, y, net=_dead_net(), saturation_barrier=None, **kw)
+    assert stuck.loss_history[0] == stuck.loss_history[-1]  # no gradient at all: frozen
+    z = stuck.input
+    assert stuck.net.saturated_fraction(z) == 1.0
+    alive = fit_dip(op, y, net=_dead_net(), **kw)
+    t = alive.net.pre_activation(z).detach()
+    assert float(t.max()) > -15.0  # back inside the clamp: the data term acts again
+    assert alive.best_loss < 0.5 * stuck.best_loss
+    assert psnr(alive.image.reshape(x.shape), x) > psnr(stuck.image.reshape(x.shape), x) + 1
+
+
+def test_saturation_barrier_adds_its_penalty_to_the_loss_and_only_for_sigmoid_nets():
+    """The recorded first loss is data + TV + κ mean relu(|t| - c)², computed by hand; a
+    linear-output net trains identically with and without the barrier."""
+    from dip_uq.dip.tv import tv
+
+    op, _, y = _problem_2d(16, 8)
+    net = _dead_net()
+    z = initial_input(op, y, "fbp")
+    with torch.no_grad():
+        t = net.pre_activation(z)
+        img = net.activation(t).reshape(16, 16)
+        data = float((op(img) - y).pow(2).sum() / y.numel())
+        expect = data + 1e-4 * float(tv(img, ndim=2))
+        expect += 2e-3 * float(torch.relu(t.abs() - 7.0).pow(2).mean())
+    res = fit_dip(
+        op, y, net=net, tv_weight=1e-4, iterations=1, saturation_barrier=7.0,
+        saturation_weight=2e-3, progress=False,
+    )  # fmt: skip
+    assert float(res.loss_history[0]) == pytest.approx(expect, rel=1e-5)
+    kw = dict(tv_weight=1e-4, iterations=20, lr=1e-2, generator=None, progress=False)
+    a = fit_dip(op, y, net=_tiny_net(use_sigmoid=False), **kw)
+    b = fit_dip(op, y, net=_tiny_net(use_sigmoid=False), saturation_barrier=None, **kw)
+    assert torch.equal(a.loss_history, b.loss_history)
+    for bad in (dict(saturation_barrier=0.0), dict(saturation_weight=-1.0)):
+        with pytest.raises(ValueError, match="saturation"):
+            fit_dip(op, y, net=_tiny_net(), **{**kw, **bad})

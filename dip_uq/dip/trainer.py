@@ -5,7 +5,8 @@
     L(theta) = (1/d_y) ||A f(z0; theta) - y||^2 + gamma TV(f(z0; theta))
 
 over the U-Net weights ``theta`` with Adam, gradient-norm clipping and optional parameter
-clamping, for a fixed number of iterations, and returns the parameters with the **lowest
+clamping (plus, for a U-Net with an output sigmoid, the saturation barrier
+``kappa mean_v relu(|t_v| - c)^2`` on its pre-activations ``t``, see :func:`fit_dip`), for a fixed number of iterations, and returns the parameters with the **lowest
 training loss** seen (never chosen with a ground truth, which is used only for logging).
 ``d_y`` is the number of measurements, ``TV`` the anisotropic TV of :mod:`.tv`.
 
@@ -238,6 +239,8 @@ def fit_dip(
     clip_grad_norm: float | None = 1.0,
     param_clamp: float | None = None,
     stopping: VarianceStopping | None = None,
+    saturation_barrier: float | None = 8.0,
+    saturation_weight: float = 1e-3,
     ground_truth: Any = None,
     log_every: int = 100,
     progress: bool = True,
@@ -264,6 +267,14 @@ def fit_dip(
         clip_grad_norm: gradient-norm clip (``None`` disables).
         param_clamp: after each step clamp every parameter to ``[-c, c]`` (``None``: off).
         stopping: optional :class:`VarianceStopping` rule (off by default).
+        saturation_barrier, saturation_weight: for a U-Net with an output sigmoid, add
+            ``saturation_weight * mean_v relu(|t_v| - saturation_barrier)^2`` over its
+            pre-activations ``t`` to the loss (``None``: off; no effect without a sigmoid).
+            The sigmoid's slope is below 1e-4 beyond |t| = 9.2 and zero beyond its ±15
+            clamp: a voxel pushed there gets no gradient again, and on zero-background images
+            small features are lost that way (docs/dip.md). The barrier keeps every voxel
+            where the data can still move it; the output it allows differs from 0 or 1 by
+            at most sigmoid(-8) = 3.4e-4.
         ground_truth: only for logging PSNR/SSIM every ``log_every`` iterations.
         progress: show a tqdm progress bar (loss; PSNR/SSIM with a ground truth).
 
@@ -273,6 +284,12 @@ def fit_dip(
     domain, rng = _check_operator(operator)
     y = _check_y(y, rng)
     _check_scalars(tv_weight, iterations, lr, clip_grad_norm)
+    if saturation_barrier is not None and not (
+        math.isfinite(saturation_barrier) and saturation_barrier > 0
+    ):
+        raise ValueError(f"saturation_barrier must be positive or None, got {saturation_barrier!r}")
+    if not (math.isfinite(saturation_weight) and saturation_weight >= 0):
+        raise ValueError(f"saturation_weight must be >= 0, got {saturation_weight!r}")
     iterations = int(iterations)
     if int(checkpoint_every) < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
@@ -294,6 +311,12 @@ def fit_dip(
     z0 = initial_input(operator, y, init, generator=generator)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
+    barrier = (
+        saturation_barrier is not None
+        and saturation_weight > 0
+        and bool(getattr(getattr(model, "config", None), "use_sigmoid", False))
+        and hasattr(model, "pre_activation")
+    )
     d_y = y.numel()
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
 
@@ -313,6 +336,12 @@ def fit_dip(
     if resume and ckpt_path is not None and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path, map_location=y.device)
         _check_resumable(ck, ckpt_path, y, tv_weight, lr, iterations, model)
+        theirs = ck.get("barrier")
+        ours = [saturation_barrier, saturation_weight] if barrier else None
+        if theirs != ours:
+            raise CheckpointError(
+                f"{ckpt_path}: cannot resume this run: saturation barrier {ours} vs {theirs}"
+            )
         model.load_state_dict(ck["net"])
         opt.load_state_dict(ck["optimizer"])
         z0 = ck["input"].to(device=y.device, dtype=y.dtype)
@@ -350,6 +379,7 @@ def fit_dip(
                 "stopping": stopping.state_dict() if stopping is not None else None,
                 "tv_weight": float(tv_weight),
                 "lr": float(lr),
+                "barrier": [saturation_barrier, saturation_weight] if barrier else None,
                 "y_shape": list(y.shape),
                 "y_checksum": float(y.double().sum()),
             },
@@ -365,12 +395,19 @@ def fit_dip(
     try:
         for it in range(start, iterations) if not stopped else ():
             opt.zero_grad(set_to_none=True)
-            out = model(z0)
+            if barrier:
+                t = model.pre_activation(z0)
+                out = model.activation(t)
+            else:
+                out = model(z0)
             x = out.reshape(domain)
             residual = operator(x) - y
             loss = residual.pow(2).sum() / d_y
             if tv_weight > 0:
                 loss = loss + tv_weight * tv(x, ndim=ndim)
+            if barrier:
+                excess = torch.relu(t.abs() - saturation_barrier)
+                loss = loss + saturation_weight * excess.pow(2).mean()
             loss.backward()
             value = loss.item()  # the one host sync per step: needed for best tracking
             if not math.isfinite(value):
