@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from _benchmarks import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def proto():
-    spec = importlib.util.spec_from_file_location(
-        "bench_uq_protocol", ROOT / "benchmarks" / "uq_protocol.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("uq_protocol")
 
 
 def test_net_overrides_reach_both_dips(proto):
