@@ -53,8 +53,8 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--linear-output",
         action="store_true",
-        help="no output sigmoid (the small preset has one; where it saturates, e.g. on a "
-        "zero background, small features are lost and the linearised std is ~0)",
+        help="the preset without its output sigmoid (docs/dip.md: the sigmoid, trained with "
+        "the saturation barrier, is the default)",
     )
     p.add_argument("--init", default="fbp", choices=("fbp", "backprojection", "noise"))
     p.add_argument(
@@ -91,8 +91,8 @@ def _add_uncertainty(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--linear-output",
         action="store_true",
-        help="no output sigmoid (the small preset has one; where it saturates, e.g. on a "
-        "zero background, small features are lost and the linearised std is ~0)",
+        help="the preset without its output sigmoid (docs/dip.md: the sigmoid, trained with "
+        "the saturation barrier, is the default)",
     )
     p.add_argument("--init", default="fbp", choices=("fbp", "backprojection", "noise"))
     p.add_argument("--prior", default="matern", choices=("matern", "normal", "g-prior"))

@@ -6,8 +6,9 @@
 
 over the U-Net weights ``theta`` with Adam, gradient-norm clipping and optional parameter
 clamping (plus, for a U-Net with an output sigmoid, the saturation barrier
-``kappa mean_v relu(|t_v| - c)^2`` on its pre-activations ``t``, see :func:`fit_dip`), for a fixed number of iterations, and returns the parameters with the **lowest
-training loss** seen (never chosen with a ground truth, which is used only for logging).
+``kappa mean_v relu(|t_v| - c)^2`` on its pre-activations ``t``, see :func:`fit_dip`), for
+a fixed number of iterations, and returns the parameters with the **lowest training loss**
+seen (never chosen with a ground truth, which is used only for logging).
 ``d_y`` is the number of measurements, ``TV`` the anisotropic TV of :mod:`.tv`.
 
 The loss recorded for iteration ``t`` is evaluated at the parameters *before* the ``t``-th
