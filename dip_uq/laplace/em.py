@@ -19,7 +19,8 @@ EM fixed points are stationary points of the exact evidence (checked against
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -65,6 +66,8 @@ def fit_em(
     sample_batch: int | None = None,
     refresh_preconditioner: bool = False,
     noise_margin: float = 3.0,
+    on_cycle: Callable[[dict], None] | None = None,
+    resume_from: dict | None = None,
 ) -> EMHistory:
     """Run ``n_cycles`` of EM on ``la`` (a :class:`LinearisedLaplace`, Gaussian likelihood),
     updating its prior variances (and noise variance, Matérn lengthscales) in place.
@@ -81,6 +84,12 @@ def fit_em(
     σ² = r²/(n_obs − γ̂) is floored at that many Monte-Carlo standard errors of γ̂ (from
     the spread of the per-sample estimates; exact γ has none), so estimator noise near
     γ ≈ n_obs cannot blow σ² up; ``hist.noise_update`` records "floored" where it acted.
+    ``on_cycle(state)`` is called after every cycle with what a resume needs besides the
+    hyperparameters in ``la`` (cycle count, history, warm starts, the generator's state at
+    the start of EM); ``resume_from=state`` (with ``la``'s hyperparameters restored by the
+    caller) continues from that cycle: the same probes (the generator is rewound to its
+    state at the start), the same warm starts, so the result is that of an uninterrupted
+    run (cg's ``refresh_preconditioner`` rebuilds its preconditioner once).
     Returns the :class:`EMHistory`.
     """
     lik = la._gaussian("EM")
@@ -99,15 +108,28 @@ def fit_em(
     sizes = sel.block_sizes().to(prior.log_variance.device).double()
     system = la.system()
     floor = noise_floor * float((la.targets.double() ** 2).mean().clamp_min(1e-30))
+    if (
+        resume_from is not None
+        and generator is not None
+        and resume_from.get("generator") is not None
+    ):
+        generator.set_state(resume_from["generator"])
+    gen_start = generator.get_state() if generator is not None else None
     noise = draw_noise(system, n_samples, generator) if estimator != "exact" else None
     hist = EMHistory()
-    mode_init, sample_init = None, None
+    mode_init, sample_init, first = None, None, 0
+    if resume_from is not None:
+        first = int(resume_from["cycle"])
+        if not 0 <= first <= n_cycles:
+            raise ValueError(f"resume_from is at cycle {first}, outside 0..n_cycles={n_cycles}")
+        hist = EMHistory(**resume_from["history"])
+        mode_init, sample_init = resume_from["mode_init"], resume_from["sample_init"]
     batch = n_samples if sample_batch is None else int(sample_batch)
     if batch < 1:
         raise ValueError(f"sample_batch must be >= 1, got {sample_batch}")
     matern = [b for b, k in enumerate(prior.kinds) if k == "matern"]
 
-    for _cycle in range(n_cycles):
+    for _cycle in range(first, n_cycles):
         target = la.whitened_targets(system)
         factors = dense_factors(system) if solver == "exact" else None
         kw = {"factors": factors} if solver == "exact" else opts
@@ -176,7 +198,7 @@ def fit_em(
 
         # warm starts for the next cycle
         if solver == "sgd":
-            mode_init = prior.sqrt_inv_mv(theta_lin[None])
+            mode_init = prior.sqrt_inv_mv(theta_lin[None]).detach()
         elif solver in ("cg", "sdd"):
             mode_init = mode_res.state.get("alpha")
         hist.prior_variance.append(prior.variances().detach().clone())
@@ -190,6 +212,20 @@ def fit_em(
         hist.iterations.append(
             (mode_res.iterations, sample_res.iterations if sample_res is not None else 0)
         )
+        if on_cycle is not None:
+            on_cycle(
+                {
+                    "cycle": _cycle + 1,
+                    "generator": gen_start,
+                    "history": {
+                        f.name: list(getattr(hist, f.name))
+                        for f in fields(hist)
+                        if f.name != "preconditioner"
+                    },
+                    "mode_init": mode_init,
+                    "sample_init": sample_init,
+                }
+            )
     return hist
 
 
@@ -244,7 +280,7 @@ def _sample_statistics(system, solve, kw, noise, inits, batch, estimator, solver
                     mom["diag"] = mom["diag"] + m["diag"] * k
                     mom["filters"] = [a + f * k for a, f in zip(mom["filters"], m["filters"])]
             if solver == "sgd":
-                next_inits.append(prior.sqrt_inv_mv(z))  # same z under the next prior
+                next_inits.append(prior.sqrt_inv_mv(z).detach())  # same z, next prior
             elif solver in ("cg", "sdd"):
                 next_inits.append(res.state.get("alpha"))
         residual, converged = max(residual, res.residual), converged and res.converged
