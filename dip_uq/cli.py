@@ -101,7 +101,21 @@ def _add_uncertainty(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-samples", type=int, default=128, help="posterior samples (128)")
     p.add_argument("--em-cycles", type=int, default=10)
     p.add_argument("--em-samples", type=int, default=32)
-    p.add_argument("--per-block", action="store_true", help="per-block EM prior variances")
+    tying = p.add_mutually_exclusive_group()
+    tying.add_argument(
+        "--per-block",
+        dest="tied",
+        action="store_false",
+        default=None,
+        help="one prior variance per U-Net block (default for --hyper em)",
+    )
+    tying.add_argument(
+        "--tied",
+        dest="tied",
+        action="store_true",
+        default=None,
+        help="one prior variance shared by all blocks (default for --hyper mll)",
+    )
     p.add_argument(
         "--precision",
         default="float64",
@@ -334,7 +348,7 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
         n_samples=args.n_samples,
         em_cycles=args.em_cycles,
         em_samples=args.em_samples,
-        tied=not args.per_block,
+        tied=args.tied,
         dtype=getattr(torch, args.precision),
         checkpoint_dir=out / "checkpoints",
         resume=args.resume,

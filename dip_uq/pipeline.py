@@ -17,8 +17,9 @@
    ``sdd``) and the streamed voxelwise variance mean_k (J z_k)² (Welford).
 
 With ``checkpoint_dir`` every stage is saved atomically and a rerun resumes from the last
-completed one: DIP (through :func:`fit_dip`'s own checkpoints), hyperparameters, sample
-batches.
+completed one: DIP (through :func:`fit_dip`'s own checkpoints), EM cycles, the
+hyperparameter stage, sample batches; a checkpoint written under other settings is refused
+(``CheckpointError``).
 """
 
 from __future__ import annotations
@@ -310,13 +311,16 @@ def _fit_hyper(
     progress=False,
     sample_batch=None,
     reuse_preconditioner=False,
+    on_cycle=None,
+    resume_from=None,
 ):
     """Runs the hyperparameter stage in place; returns its trajectories (and appends
-    warnings to ``notes``)."""
+    warnings to ``notes``). EM: ``on_cycle``/``resume_from`` as in :func:`fit_em`."""
     if hyper == "fixed":
         return {}
     if hyper == "em":
-        bar = _progress(total=em_cycles, initial=0, enabled=progress, desc=f"EM ({em_solver})")
+        done = int(resume_from["cycle"]) if resume_from is not None else 0
+        bar = _progress(total=em_cycles, initial=done, enabled=progress, desc=f"EM ({em_solver})")
         set_variances = la.prior.set_variances
 
         def set_and_tick(v):  # the engine calls this once per EM cycle: drives the bar
@@ -336,6 +340,8 @@ def _fit_hyper(
                 estimator=estimator,
                 sample_batch=sample_batch,
                 refresh_preconditioner=reuse_preconditioner,
+                on_cycle=on_cycle,
+                resume_from=resume_from,
             )
         finally:
             del la.prior.set_variances
@@ -396,6 +402,22 @@ def _with_precond_fallback(call, solver: str, opts: dict):
         return call(opts)
 
 
+def _check_resumed_settings(path: Path, saved: dict | None, now: dict) -> None:
+    """A stage checkpoint is reused only under the settings that wrote it (checkpoints from
+    before settings were recorded carry none and are accepted)."""
+    if saved is None:
+        return
+    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if diff:
+        from .dip.checkpoint import CheckpointError
+
+        shown = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(
+            f"{path} was written with other settings ({shown}); rerun with those settings, "
+            "resume=False, or another checkpoint_dir"
+        )
+
+
 def _guarded(stage: str, fn):
     """Turn the engine's NaN complaints (from operator checks or Cholesky) into one named
     FloatingPointError for the stage."""
@@ -428,7 +450,7 @@ def reconstruct_with_uncertainty(
     em_cycles: int = 10,
     em_samples: int = 32,
     em_solver: str | None = None,
-    tied: bool = True,
+    tied: bool | None = None,
     em_estimator: str | None = None,
     dtype: torch.dtype | None = None,
     solver_opts: dict | None = None,
@@ -463,12 +485,14 @@ def reconstruct_with_uncertainty(
         n_samples: samples for the std map (the std's relative Monte-Carlo error is about
             1/sqrt(2 n_samples)).
         em_cycles, em_samples, em_solver: EM settings (``em_solver`` defaults to ``solver``).
-        tied: EM keeps one prior variance shared by all blocks (default). ``False`` is the
-            methods' schedule, two tied cycles then per-block updates: with the exact γ
-            (``solver="exact"``) it beat tied EM by 0.02-0.11 nats/voxel on all eight protocol
-            images at methods §5 settings (benchmarks/README.md); with few samples
-            (the demo's 8) the block estimates γ̂_b are unresolved, those blocks keep their
-            variance, and it reduces to tied EM.
+        tied: one prior variance shared by all blocks (``True``) or one per block
+            (``False``). ``None`` (default): per-block for ``"em"`` (the methods' schedule: two
+            tied cycles, then per-block updates), tied for ``"mll"``/``"tv-map"``. On the
+            protocol (20 angles, 5 %, methods §5 settings, exact solver, eight images) per-block
+            EM beat tied EM on every image (+0.077 ± 0.014 nats/voxel) and DIP-MCDO on every
+            image (+0.117 ± 0.025; tied EM +0.040 ± 0.028, 5 of 8; benchmarks/README.md). With
+            few samples (the demo's 8) the block estimates γ̂_b are unresolved, those blocks
+            keep the variance of the tied cycles (only σ² moves on).
         em_estimator: effective-dimension estimator of EM: ``"function"``, ``"weight"`` or
             ``"exact"`` (only with ``em_solver="exact"``); default ``"exact"`` with the exact
             solver (no Monte-Carlo error: γ from the dense factors), else ``"function"``. The engine clips only
@@ -507,7 +531,8 @@ def reconstruct_with_uncertainty(
             (needed for patch log-likelihoods with p > 1).
         exact_covariance: also store the dense image covariance (small images only).
         checkpoint_dir: stage checkpoints; a rerun resumes from the last completed stage.
-        resume: with ``checkpoint_dir``, reuse completed stages (False: start afresh and
+        resume: with ``checkpoint_dir``, reuse completed stages and EM cycles written under
+            the same settings (others raise ``CheckpointError``; False: start afresh and
             overwrite them).
         generator: seeds DIP initialisation, solver noise and samples.
         progress: tqdm progress bars.
@@ -530,6 +555,8 @@ def reconstruct_with_uncertainty(
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
         y = y.to(dtype)
     em_solver = em_solver or solver
+    if tied is None:
+        tied = hyper != "em"
     if em_estimator is None:
         em_estimator = "exact" if em_solver == "exact" else "function"
     solver_opts = dict(solver_opts or {})
@@ -603,13 +630,38 @@ def reconstruct_with_uncertainty(
 
     # 4. hyperparameters (resumable)
     hyper_path = ckpt / "hyper.pt" if ckpt is not None else None
+    hyper_settings = {
+        "hyper": hyper,
+        "prior": prior,
+        "tied": bool(tied),
+        "em_cycles": int(em_cycles),
+        "em_samples": int(em_samples),
+        "em_solver": em_solver,
+        "em_estimator": em_estimator,
+        "dtype": str(y.dtype),
+    }
+    em_path = ckpt / "em_cycle.pt" if ckpt is not None else None
     if resume and hyper_path is not None and hyper_path.exists():
         st = load_checkpoint(hyper_path)
+        _check_resumed_settings(hyper_path, st.get("settings"), hyper_settings)
         _load_hyper_state(la, st["hyper"])
         traj = st["trajectories"]
         notes.extend(st.get("notes", []))
+        if generator is not None and st.get("generator") is not None:
+            generator.set_state(st["generator"])  # as after an uninterrupted EM
     else:
+        em_resume = None
+        if resume and hyper == "em" and em_path is not None and em_path.exists():
+            st = load_checkpoint(em_path)  # an EM interrupted after a completed cycle
+            _check_resumed_settings(em_path, st.get("settings"), hyper_settings)
+            _load_hyper_state(la, st["hyper"])
+            em_resume = st["em"]
         state0 = _hyper_state(la)
+
+        def save_cycle(state):
+            atomic_save(
+                {"hyper": _hyper_state(la), "em": state, "settings": hyper_settings}, em_path
+            )
 
         def run_hyper(o):
             _load_hyper_state(la, state0)  # a retry starts from the same point
@@ -628,15 +680,25 @@ def reconstruct_with_uncertainty(
                 progress=progress,
                 sample_batch=sample_batch,
                 reuse_preconditioner=reuse_preconditioner,
+                on_cycle=save_cycle if em_path is not None else None,
+                resume_from=em_resume,
             )
 
         traj = _with_precond_fallback(run_hyper, em_solver, em_opts)
         traj.pop("_preconditioner", None)  # in memory only (not checkpointed)
         if hyper_path is not None:
             atomic_save(
-                {"hyper": _hyper_state(la), "trajectories": traj, "notes": list(notes)},
+                {
+                    "hyper": _hyper_state(la),
+                    "trajectories": traj,
+                    "notes": list(notes),
+                    "settings": hyper_settings,
+                    "generator": generator.get_state() if generator is not None else None,
+                },
                 hyper_path,
             )
+            if em_path.exists():
+                em_path.unlink()  # superseded by the completed stage
     _finite_or_raise("hyperparameter", la.prior.variances(), la.likelihood.noise_var)
     timings["hyperparameters"] = time.perf_counter() - t0
 
@@ -644,8 +706,15 @@ def reconstruct_with_uncertainty(
     t0 = time.perf_counter()
     acc, kept, sample_diag, done = Welford(), [], [], 0
     samp_path = ckpt / "samples.pt" if ckpt is not None else None
+    samp_settings = {
+        **hyper_settings,
+        "solver": solver,
+        "sample_batch": int(sample_batch),
+        "keep_samples": bool(keep_samples),
+    }  # n_samples may grow on a resume: the stream continues
     if resume and samp_path is not None and samp_path.exists():
         st = load_checkpoint(samp_path)
+        _check_resumed_settings(samp_path, st.get("settings"), samp_settings)
         acc.load_state_dict(st["welford"])
         kept, sample_diag, done = list(st["kept"]), list(st["diag"]), int(st["done"])
         if generator is not None and st.get("generator") is not None:
@@ -693,6 +762,7 @@ def reconstruct_with_uncertainty(
                         "kept": kept,
                         "diag": sample_diag,
                         "done": done,
+                        "settings": samp_settings,
                         "generator": generator.get_state() if generator is not None else None,
                     },
                     samp_path,
@@ -730,6 +800,7 @@ def reconstruct_with_uncertainty(
         diagnostics={
             "solver": solver,
             "hyper": hyper,
+            "tied": bool(tied),
             "prior": prior,
             "n_samples": int(n_samples),
             "d": sel.d,

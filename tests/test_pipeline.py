@@ -10,6 +10,7 @@ from torch.func import functional_call, jacrev
 
 from dip_uq import UQResult, reconstruct_with_uncertainty
 from dip_uq.dip import UNet, UNetConfig, fit_dip
+from dip_uq.dip.checkpoint import CheckpointError
 from dip_uq.pipeline import tied_evidence_maximiser
 from operators import Parallel2D, RayTransform, VolumeGeometry, uniform_angles
 from operators.noise import add_gaussian_noise
@@ -138,7 +139,7 @@ def test_scalable_solvers_match_exact_std(problem, solver, opts):
 
 
 def test_em_and_mll_agree_on_noise(problem):
-    kw = dict(dip=problem["dip"], prior="normal", n_samples=8, progress=False)
+    kw = dict(dip=problem["dip"], prior="normal", n_samples=8, tied=True, progress=False)
     em = reconstruct_with_uncertainty(
         problem["y"],
         problem["op"],
@@ -235,18 +236,15 @@ def test_non_convergence_is_recorded_in_the_result(problem):
     assert res.diagnostics["sample_batches"][0]["converged"] is False
 
 
+def _small_em(problem, **over) -> dict:
+    """Options of a cheap EM run on the 12×12 problem (Normal prior)."""
+    kw = dict(dip=problem["dip"], prior="normal", hyper="em", em_samples=8, progress=False)
+    return {**kw, **over}
+
+
 def test_resume_from_stage_checkpoints(problem, tmp_path):
-    kw = dict(
-        dip=problem["dip"],
-        prior="normal",
-        hyper="em",
-        em_cycles=3,
-        em_samples=8,
-        solver="exact",
-        n_samples=16,
-        sample_batch=8,
-        progress=False,
-        checkpoint_dir=tmp_path,
+    kw = _small_em(
+        problem, em_cycles=3, solver="exact", n_samples=16, sample_batch=8, checkpoint_dir=tmp_path
     )
     a = reconstruct_with_uncertainty(
         problem["y"], problem["op"], generator=torch.Generator().manual_seed(5), **kw
@@ -258,6 +256,105 @@ def test_resume_from_stage_checkpoints(problem, tmp_path):
     )
     assert b.noise_var == a.noise_var
     torch.testing.assert_close(b.std, a.std)
+
+
+def _interrupt_after_cycle(monkeypatch, n):
+    """Make the pipeline's checkpoint writer raise right after EM's n-th cycle was saved."""
+    import dip_uq.dip.checkpoint as ck
+
+    real = ck.atomic_save
+
+    def save(obj, path):
+        out = real(obj, path)
+        if str(path).endswith("em_cycle.pt") and obj["em"]["cycle"] == n:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(ck, "atomic_save", save)
+
+
+@pytest.mark.parametrize("solver", ["cg", "exact"])
+def test_interrupted_em_resumes_from_its_last_cycle(problem, tmp_path, monkeypatch, solver):
+    """EM killed after cycle 2 of 4: the rerun starts at cycle 3 (same probes, same warm
+    starts) and ends where an uninterrupted run ends."""
+    kw = _small_em(problem, em_cycles=4, solver=solver, n_samples=4, dtype=torch.float64)
+    ref = reconstruct_with_uncertainty(
+        problem["y"], problem["op"], generator=torch.Generator().manual_seed(3), **kw
+    )
+    with monkeypatch.context() as m:
+        _interrupt_after_cycle(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            reconstruct_with_uncertainty(
+                problem["y"],
+                problem["op"],
+                generator=torch.Generator().manual_seed(3),
+                checkpoint_dir=tmp_path,
+                **kw,
+            )
+    assert (tmp_path / "em_cycle.pt").exists() and not (tmp_path / "hyper.pt").exists()
+    calls = []
+    import dip_uq.laplace.em as em_mod
+
+    real_solver = em_mod.get_solver
+
+    def counting(name):
+        solve = real_solver(name)
+
+        def run(*a, **k):
+            calls.append(1)
+            return solve(*a, **k)
+
+        return run
+
+    monkeypatch.setattr(em_mod, "get_solver", counting)
+    res = reconstruct_with_uncertainty(
+        problem["y"],
+        problem["op"],
+        generator=torch.Generator().manual_seed(77),  # rewound to the saved EM start
+        checkpoint_dir=tmp_path,
+        **kw,
+    )
+    # two cycles left, each a mode solve (+ a sample solve unless exact γ is used)
+    assert len(calls) == (2 if solver == "exact" else 4)
+    assert len(res.trajectories["noise_var"]) == 4
+    # equal up to floating-point summation order (cg: ~1e-9 relative)
+    assert res.noise_var == pytest.approx(ref.noise_var, rel=1e-6)
+    for a, b in zip(res.trajectories["prior_variance"], ref.trajectories["prior_variance"]):
+        assert a == pytest.approx(b, rel=1e-6)
+    torch.testing.assert_close(res.std, ref.std, rtol=1e-5, atol=1e-9)
+    assert not (tmp_path / "em_cycle.pt").exists()  # the completed stage supersedes it
+
+
+def test_resume_refuses_other_settings(problem, tmp_path):
+    kw = _small_em(problem, em_cycles=2, solver="exact", n_samples=4, checkpoint_dir=tmp_path)
+    reconstruct_with_uncertainty(problem["y"], problem["op"], **kw)
+    with pytest.raises(CheckpointError, match="tied: saved False, now True"):
+        reconstruct_with_uncertainty(problem["y"], problem["op"], **{**kw, "tied": True})
+    with pytest.raises(CheckpointError, match="em_cycles"):
+        reconstruct_with_uncertainty(problem["y"], problem["op"], **{**kw, "em_cycles": 3})
+    # more samples continue the stream; resume=False starts afresh under new settings
+    more = reconstruct_with_uncertainty(problem["y"], problem["op"], **{**kw, "n_samples": 6})
+    assert more.diagnostics["n_samples"] == 6
+    fresh = reconstruct_with_uncertainty(
+        problem["y"], problem["op"], **{**kw, "tied": True, "resume": False}
+    )
+    assert fresh.diagnostics["tied"] is True
+
+
+def test_em_default_is_per_block_mll_default_is_tied(problem):
+    """tied=None: EM follows the methods' schedule (tied cycles, then one variance per
+    block); the dense type-II modes keep one shared variance."""
+    kw = dict(dip=problem["dip"], prior="normal", solver="exact", n_samples=2, progress=False)
+    em = reconstruct_with_uncertainty(problem["y"], problem["op"], hyper="em", em_cycles=4, **kw)
+    assert em.diagnostics["tied"] is False
+    first, last = em.trajectories["prior_variance"][0], em.trajectories["prior_variance"][-1]
+    assert max(first) == pytest.approx(min(first))  # a tied cycle
+    assert max(last) > 1.5 * min(last)  # per-block cycles separate the blocks
+    tied = reconstruct_with_uncertainty(
+        problem["y"], problem["op"], hyper="em", em_cycles=4, tied=True, **kw
+    )
+    last = tied.trajectories["prior_variance"][-1]
+    assert max(last) == pytest.approx(min(last))
 
 
 def test_tv_map_regularises_lengthscales(problem):
@@ -357,6 +454,7 @@ def test_protocol28_noise_variance(protocol28):
         dip=p["dip"],
         prior="normal",
         hyper="em",
+        tied=True,
         solver="cg",
         em_cycles=8,
         em_samples=64,

@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from dip_uq import UQResult
@@ -87,25 +88,24 @@ def test_uncertainty_command(tmp_path, capsys):
     # --resume finds every stage done and reproduces the map
     assert main(args + ["--resume"]) == 0
     torch.testing.assert_close(UQResult.load(out / "result").std, res.std)
+    # EM's default is the methods' per-block schedule; --tied changes the stage, so a
+    # resume under it is refused, naming the setting
+    assert res.diagnostics["tied"] is False
+    capsys.readouterr()
+    assert main(args + ["--resume", "--tied"]) == 2
+    assert "tied: saved False, now True" in capsys.readouterr().err
 
 
 def test_uncertainty_bad_input(tmp_path, capsys):
     y, g, x = _scan(tmp_path)
     np.save(tmp_path / "bad.npy", np.zeros((3, 4), dtype=np.float32))
-    rc = main(["uncertainty", str(tmp_path / "bad.npy"), "-g", str(g), "-o", str(tmp_path / "o")])
+    out = ["-g", str(g), "-o", str(tmp_path / "o")]
+    rc = main(["uncertainty", str(tmp_path / "bad.npy"), *out])
     assert rc == 2 and "does not match the geometry" in capsys.readouterr().err
-    rc = main(["uncertainty", str(y), "-g", str(g), "-o", str(tmp_path / "o"), "--n-samples", "0"])
+    rc = main(["uncertainty", str(y), *out, "--n-samples", "0"])
     assert rc == 2 and "--n-samples" in capsys.readouterr().err
-    rc = main(
-        [
-            "uncertainty",
-            str(y),
-            "-g",
-            str(g),
-            "-o",
-            str(tmp_path / "o"),
-            "--ground-truth",
-            str(tmp_path / "bad.npy"),
-        ]
-    )
+    rc = main(["uncertainty", str(y), *out, "--ground-truth", str(tmp_path / "bad.npy")])
     assert rc == 2 and "ground truth shape" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["uncertainty", str(y), *out, "--tied", "--per-block"])
+    assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
