@@ -34,6 +34,12 @@ class CLIError(Exception):
     """A user-facing problem: printed as ``dip-uq: error: ...``, exit status 2."""
 
 
+TV_HELP = (
+    "TV weight gamma (1e-4, the methods' value at 28x28; TV sums over voxels, so for a volume "
+    "scale it by about 784/n_voxels, e.g. 1e-6 at 32^3-64^3: docs/dip.md)"
+)
+
+
 def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "reconstruct",
@@ -45,7 +51,7 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", type=Path, required=True, help="output directory")
     p.add_argument("--key", help="array name inside .npz / dataset path inside HDF5")
     p.add_argument("--iterations", type=int, default=2000, help="iteration budget (2000)")
-    p.add_argument("--tv-weight", type=float, default=1e-4, help="TV weight gamma (1e-4)")
+    p.add_argument("--tv-weight", type=float, default=1e-4, help=TV_HELP)
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (1e-4)")
     p.add_argument(
         "--net", default="small", help="U-Net preset (small, large) or a pretrained .pt file"
@@ -85,7 +91,7 @@ def _add_uncertainty(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", type=Path, required=True, help="output directory")
     p.add_argument("--key", help="array name inside .npz / dataset path inside HDF5")
     p.add_argument("--iterations", type=int, default=2000, help="DIP iterations (2000)")
-    p.add_argument("--tv-weight", type=float, default=1e-4, help="TV weight gamma (1e-4)")
+    p.add_argument("--tv-weight", type=float, default=1e-4, help=TV_HELP)
     p.add_argument("--lr", type=float, default=1e-4, help="DIP Adam learning rate (1e-4)")
     p.add_argument("--net", default="small", help="U-Net preset (small, large) or a .pt file")
     p.add_argument(

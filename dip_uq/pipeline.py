@@ -585,6 +585,10 @@ def reconstruct_with_uncertainty(
             f"{domain} (expected (1, 1, {', '.join(map(str, domain))}))"
         )
     _finite_or_raise("DIP", image)
+    with torch.no_grad():  # (1/d_y)‖A x* − y‖²: EM's σ² absorbs any excess over the noise
+        dip_info["data_misfit"] = float(
+            (operator(image.detach().reshape(domain).to(y.dtype)) - y).pow(2).mean()
+        )
     image = image.to(y.dtype)
     # a saturated output sigmoid passes no gradient: zero linearised variance there
     advisories: list[str] = []  # warnings that do not mean non-convergence

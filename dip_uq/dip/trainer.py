@@ -67,6 +67,9 @@ class DIPResult:
         iterations_run: iterations done (< ``iterations`` when stopped early).
         stopped_early: a callback or the stopping rule ended training.
         metrics: ``(iteration, psnr, ssim)`` rows, only when a ground truth was given.
+        data_misfit: (1/d_y) ‖A image − y‖² at the best iterate, to hold against the noise
+            variance σ_y²: far above it the fit is over-regularised or unfinished (a TV
+            weight too large for the volume's size, docs/dip.md), far below it over-fitted.
     """
 
     image: torch.Tensor
@@ -78,6 +81,7 @@ class DIPResult:
     iterations_run: int
     stopped_early: bool = False
     metrics: list[tuple[int, float, float]] = field(default_factory=list)
+    data_misfit: float = math.nan
 
 
 class VarianceStopping:
@@ -457,6 +461,8 @@ def fit_dip(
         raise RuntimeError("no iteration was run, nothing to return")
     model.load_state_dict(best_state)
     model.eval()
+    with torch.no_grad():
+        misfit = float((operator(best_image) - y).pow(2).sum()) / d_y
     return DIPResult(
         image=best_image,
         net=model,
@@ -467,6 +473,7 @@ def fit_dip(
         iterations_run=done,
         stopped_early=stopped,
         metrics=metrics,
+        data_misfit=misfit,
     )
 
 
