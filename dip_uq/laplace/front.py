@@ -93,6 +93,13 @@ class Laplace(nn.Module):
         chunk_size: ``vmap`` chunk size for JVP/VJP over samples (bounds memory).
         generator: default generator for all random draws.
         newton_steps: at most this many damped Newton steps for the classification θ_lin.
+        curvature: classification only. ``"network"`` (default, methods pitfall 10): B_n at the
+            network's logits f(x_n; θ*), as laplace-torch's GLM. ``"mode"``: B_n at the tangent
+            model's logits f_n + J_n(θ_lin − θ*), i.e. the Laplace approximation of the
+            linearised model at its own mode (Newton for θ_lin uses the curvature at each
+            iterate; the sample noise is redrawn with the same seed when θ_lin moves). For
+            a network trained to near-zero training loss B is ~0 at its logits and the posterior
+            stays at the prior in most directions; at θ_lin it does not (docs/laplace.md).
     """
 
     def __init__(
@@ -110,6 +117,7 @@ class Laplace(nn.Module):
         chunk_size: int | None = None,
         generator: torch.Generator | None = None,
         newton_steps: int = 8,
+        curvature: str = "network",
     ) -> None:
         super().__init__()
         if likelihood not in _LIKELIHOODS:
@@ -123,6 +131,8 @@ class Laplace(nn.Module):
                 raise ValueError(f"{what} must be positive and finite, got {val}")
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        if curvature not in ("network", "mode"):
+            raise ValueError(f"unknown curvature {curvature!r}; use 'network' or 'mode'")
         has_bn = any(isinstance(m, _BN) for m in model.modules())
         if prior is None:
             prior = "g-prior" if has_bn else "layerwise"
@@ -165,6 +175,12 @@ class Laplace(nn.Module):
         self.chunk_size = chunk_size
         self.generator = generator
         self.newton_steps = newton_steps
+        self.curvature = curvature
+        # the weights θ at which the softmax curvature is evaluated (None: θ*); see `curvature`
+        self._curv_theta: torch.Tensor | None = None
+        self._curv_version = 0
+        self.noise_seed: int | None = None
+        self._noise_device = "cpu"
         # fitted state (buffers, so state_dict / .to(device) carry them)
         for name in ("xi", "noise_t", "samples", "theta_lin"):
             self.register_buffer(name, None)
@@ -196,7 +212,31 @@ class Laplace(nn.Module):
         loader = loader if loader is not None else self.loader
         if loader is None:
             raise RuntimeError("call fit(train_loader) first")
-        return StreamingProblem(self.fmodel, self.kind, loader, self._noise_var, self.chunk_size)
+        return StreamingProblem(
+            self.fmodel, self.kind, loader, self._noise_var, self.chunk_size, self._shift()
+        )
+
+    def _shift(self) -> torch.Tensor | None:
+        """δ = θ_c − θ* for the curvature point θ_c (None: the network's logits)."""
+        if self._curv_theta is None or self.kind != "categorical":
+            return None
+        theta = self.fmodel.theta_star()
+        return self._curv_theta.to(theta) - theta
+
+    def _set_curvature_point(self, theta: torch.Tensor | None) -> None:
+        """Move the softmax curvature to weights ``theta`` (``curvature="mode"`` only); the
+        dense caches depend on it."""
+        if self.curvature != "mode" or self.kind != "categorical":
+            return
+        self._curv_theta = None if theta is None else theta.detach().clone()
+        self._curv_version += 1
+        self._dense = None
+        self._chol_cache = None
+
+    def _mode_noise(self, problem: StreamingProblem) -> torch.Tensor:
+        """Σ_n J_nᵀ L_n ε_n at the current curvature point with the fit's fixed ε (its seed)."""
+        gen = torch.Generator(device=self._noise_device).manual_seed(self.noise_seed)
+        return problem.noise_pass(self.n_samples, gen)[0]
 
     def _check_fitted(self) -> None:
         if self.samples is None:
@@ -247,9 +287,17 @@ class Laplace(nn.Module):
             )
         self.loader = train_loader
         self.n_data, self.n_outputs = n_seen, m_out
+        self._set_curvature_point(None)
         problem = self._problem()
         gdev = gen.device if gen is not None else torch.device("cpu")
-        noise_t, n2, _ = problem.noise_pass(self.n_samples, gen)
+        if self.curvature == "mode" and self.kind == "categorical":
+            # ε is redrawn whenever the curvature point moves: keep its seed, not ε (n_data-sized)
+            self.noise_seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gdev))
+            self._noise_device = str(gdev)
+            noise_gen = torch.Generator(device=gdev).manual_seed(self.noise_seed)
+        else:
+            self.noise_seed, noise_gen = None, gen
+        noise_t, n2, _ = problem.noise_pass(self.n_samples, noise_gen)
         if n2 != n_seen:
             warnings.warn(
                 "the loader yielded a different number of data points on a second pass "
@@ -361,7 +409,7 @@ class Laplace(nn.Module):
         """Cholesky factor of the dense P, cached while the hyperparameters are unchanged (the
         Newton steps for θ_lin and the sample solve of one EM cycle share it)."""
         std = self._coord_std().detach()
-        key = (std, self._noise_var())
+        key = (std, (self._noise_var(), self._curv_version))
         cache = getattr(self, "_chol_cache", None)
         if (
             cache is None
@@ -402,8 +450,10 @@ class Laplace(nn.Module):
         """θ_lin (and its whitened u) of the affine tangent model.
 
         Gaussian: one solve P u = Lᵀc, c = Σ Jᵀ(y − f + Jθ*)/σ². Softmax: damped Newton steps
-        with the fixed curvature P at the network's logits and a backtracking line search on
-        Σ CE + ½‖u‖² (the objective is convex)."""
+        with a backtracking line search on Σ CE + ½‖u‖² (the objective is convex); the step's
+        curvature P is the one at the network's logits (``curvature="network"``, a fixed
+        preconditioner) or at the current iterate (``"mode"``: exact Newton, and the
+        curvature point is left at the returned θ_lin)."""
         problem = problem or self._problem()
         if self.kind == "gaussian":
             c, _ = problem.mode_rhs()
@@ -413,10 +463,20 @@ class Laplace(nn.Module):
             self._Linv(problem.theta[None]) if init is None else init.clone()
         )  # start at θ* (or warm)
         obj = problem.categorical_loss(self._L(u)[0]) + 0.5 * float((u**2).sum())
+        at_mode = self.curvature == "mode"
         for _ in range(self.newton_steps if n_newton is None else n_newton):
+            if at_mode:
+                self._set_curvature_point(self._L(u)[0])
+                problem = problem.with_shift(self._shift())
             g_data, _ = problem.categorical_grad(self._L(u)[0])
             g = self._Lt(g_data[None]) + u
             step, _ = self._solve(problem, g, None)
+            half_decrement = 0.5 * float((g * step).sum())
+            if half_decrement < 1e-7 * max(abs(obj), 1.0):
+                # quadratic region: the predicted decrease is below what a float32 objective
+                # resolves, so a line search would reject the (good) full step
+                u = u - step
+                break
             t = 1.0
             for _ls in range(10):
                 u_new = u - t * step
@@ -432,13 +492,15 @@ class Laplace(nn.Module):
             u, obj = u_new, obj_new
             if decrease < 1e-6 * max(abs(obj), 1.0):
                 break
+        if at_mode:
+            self._set_curvature_point(self._L(u)[0])
         return self._L(u)[0], u
 
     def _solve_all(self, u_mode=None, u_samp=None) -> tuple[SolveInfo, SolveInfo]:
         """θ_lin and K samples at the current hyperparameters (warm-started in u)."""
         problem = self._problem()
-        b = self._sample_rhs(self.xi, self.noise_t)
         if self.kind == "gaussian" and self.solver != "exact":
+            b = self._sample_rhs(self.xi, self.noise_t)
             # one solve for the mode and the K samples together (same matrix P)
             c, _ = problem.mode_rhs()
             rhs = torch.cat([self._Lt(c[None]), b])
@@ -451,6 +513,10 @@ class Laplace(nn.Module):
             info_m = info_s = info
         else:
             theta_lin, u_mode = self.linear_mode(problem, u_mode)
+            if self.curvature == "mode" and self.kind == "categorical":
+                problem = self._problem()  # the curvature now sits at θ_lin
+                self.noise_t = self._mode_noise(problem)
+            b = self._sample_rhs(self.xi, self.noise_t)
             u_samp, info_s = self._solve(problem, b, u_samp)
             info_m = info_s
         self.theta_lin = theta_lin.detach()
@@ -708,6 +774,9 @@ class Laplace(nn.Module):
             "n_outputs": self.n_outputs,
             "likelihood": self.likelihood,
             "prior_kind": self.prior_kind,
+            "curvature": self.curvature,
+            "noise_seed": self.noise_seed,
+            "noise_device": self._noise_device,
         }
 
     def set_extra_state(self, state: dict) -> None:
@@ -720,7 +789,14 @@ class Laplace(nn.Module):
             raise ValueError(
                 f"state_dict is for likelihood {state.get('likelihood')!r}, not {self.likelihood!r}"
             )
+        if state.get("curvature", "network") != self.curvature:
+            raise ValueError(
+                f"state_dict was fitted with curvature={state.get('curvature')!r}, this object "
+                f"has curvature={self.curvature!r}"
+            )
         self.n_data, self.n_outputs = state.get("n_data"), state.get("n_outputs")
+        self.noise_seed = state.get("noise_seed")
+        self._noise_device = state.get("noise_device", "cpu")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # buffers that are None until fit() must exist to receive the saved tensors
@@ -730,4 +806,7 @@ class Laplace(nn.Module):
         scale = state_dict.get("prior.scale")
         if scale is not None and self.prior.scale is None:
             self.prior.scale = torch.ones_like(scale)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self.curvature == "mode" and self.theta_lin is not None:
+            self._set_curvature_point(self.theta_lin)
+        return out

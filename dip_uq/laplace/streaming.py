@@ -3,7 +3,8 @@
 The engine's :class:`~dip_uq.laplace.solvers.LinearSystem` holds all inputs; here the data
 stream through a loader and nothing of size ``n_data`` is kept. For a
 :class:`~dip_uq.laplace.jacobian.FunctionalModel` (J = ∂f/∂θ at θ*) and a likelihood curvature
-B_n at the network's outputs (Gaussian: σ⁻² I; softmax: diag(p_n) − p_n p_nᵀ + 1e-6 I):
+B_n at the network's outputs (Gaussian: σ⁻² I; softmax: diag(p_n) − p_n p_nᵀ + 1e-6 I, optionally
+at the tangent model's outputs f_n + J_n δ, see ``curvature_shift``):
 
 - GGN products   M v = Σ_n J_nᵀ B_n J_n v            (one JVP + one VJP per batch, K directions);
 - noise          Σ_n J_nᵀ L_n ε_n ~ N(0, M)            (L_n L_nᵀ = B_n in closed form, no Cholesky);
@@ -53,6 +54,10 @@ class StreamingProblem:
         loader: re-iterable of ``(x, y)`` batches (a DataLoader); passed over once per product.
         noise_var: σ² for Gaussian (a callable returning the current value).
         chunk_size: ``vmap`` chunk size for many directions (bounds memory).
+        curvature_shift: softmax only; ``None`` evaluates B_n at the network's logits f_n
+            (methods pitfall 10), a ``(d,)`` tensor δ at the tangent model's logits
+            f_n + J_n δ (δ = θ_lin − θ*: the Laplace approximation of the linear model at its
+            own mode). One extra JVP direction per batch.
     """
 
     def __init__(
@@ -62,9 +67,12 @@ class StreamingProblem:
         loader: Iterable,
         noise_var: Callable[[], float],
         chunk_size: int | None = None,
+        curvature_shift: torch.Tensor | None = None,
     ) -> None:
         if kind not in ("gaussian", "categorical"):
             raise ValueError(f"unknown likelihood kind {kind!r}")
+        if kind == "gaussian":
+            curvature_shift = None  # B = σ⁻² I does not depend on the logits
         self.fmodel, self.kind, self.loader = fmodel, kind, loader
         self.noise_var = noise_var
         self.chunk_size = chunk_size
@@ -72,6 +80,13 @@ class StreamingProblem:
         self.d = fmodel.d
         self.dtype = self.theta.dtype
         self.device = self.theta.device
+        self.shift = None if curvature_shift is None else curvature_shift.detach().to(self.theta)
+
+    def with_shift(self, curvature_shift: torch.Tensor | None) -> StreamingProblem:
+        """The same problem with the curvature evaluated at another point (see the class)."""
+        return StreamingProblem(
+            self.fmodel, self.kind, self.loader, self.noise_var, self.chunk_size, curvature_shift
+        )
 
     # ---- data -------------------------------------------------------------------------
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -110,6 +125,20 @@ class StreamingProblem:
             )(v)
         return f, jv
 
+    def curvature_outputs_and_jvp(
+        self, x: torch.Tensor, v: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The outputs at which B is evaluated (f, or f + J δ with the curvature shift δ) and
+        J v for ``v`` ``(K, d)`` or ``None``, sharing one batched JVP."""
+        if self.shift is None:
+            if v is None:
+                with torch.no_grad():
+                    return self.fmodel.output(x), None
+            return self.output_and_jvp(x, v)
+        dirs = self.shift[None] if v is None else torch.cat([v, self.shift[None].to(v.dtype)])
+        f, jv = self.output_and_jvp(x, dirs)
+        return f + jv[-1].to(f.dtype), (None if v is None else jv[:-1])
+
     def vjp(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """J(x)ᵀ u for cotangents ``u`` ``(K, *f.shape)`` -> ``(K, d)``."""
         theta = self.theta.to(u.dtype)
@@ -142,12 +171,12 @@ class StreamingProblem:
         """M v = Σ_n J_nᵀ B_n J_n v for ``v`` ``(K, d)`` (one pass)."""
         out = torch.zeros_like(v)
         for x, _ in self.batches():
-            f, jv = self.output_and_jvp(x, v)
+            f, jv = self.curvature_outputs_and_jvp(x, v)
             out += self.vjp(x, self.curvature_mv(f, jv))
         return out
 
     def ggn_mv_batch(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        f, jv = self.output_and_jvp(x, v)
+        f, jv = self.curvature_outputs_and_jvp(x, v)
         return self.vjp(x, self.curvature_mv(f, jv))
 
     def noise_pass(
@@ -159,7 +188,7 @@ class StreamingProblem:
         acc = torch.zeros(k, self.d, dtype=self.dtype, device=self.device)
         n, m = 0, None
         for x, _ in self.batches():
-            f = self.fmodel.output(x)
+            f, _ = self.curvature_outputs_and_jvp(x, None)
             shape = (k, *f.shape)
             eps = torch.randn(shape, generator=generator, dtype=self.dtype, device=gdev)
             eps2 = (
@@ -219,12 +248,14 @@ class StreamingProblem:
         the total mean_k Σ_n ‖J_n z_k‖²_{B_n} in one block) and the linear model's residual
         sum of squares Σ_n ‖y_n − f_n − J_n(θ_lin − θ*)‖² (Gaussian; 0 otherwise)."""
         k = z.shape[0]
-        dirs = torch.cat([z, (theta_lin - self.theta)[None]])
+        extra = [] if self.shift is None else [self.shift[None].to(z.dtype)]
+        dirs = torch.cat([z, (theta_lin - self.theta)[None].to(z.dtype), *extra])
         mz = torch.zeros_like(z)
         total, ss = 0.0, 0.0
         for x, y in self.batches():
             f, jv = self.output_and_jvp(x, dirs)
-            bz = self.curvature_mv(f, jv[:k])
+            fc = f if self.shift is None else f + jv[k + 1].to(f.dtype)
+            bz = self.curvature_mv(fc, jv[:k])
             if per_block:
                 mz += self.vjp(x, bz)
             else:
@@ -255,7 +286,8 @@ class StreamingProblem:
                 b1 += torch.einsum("bmd,bm->d", J, ytil)
                 c0 += float((ytil**2).sum())
             else:
-                p = torch.softmax(f, dim=-1)
+                fc = f if self.shift is None else f + (J @ self.shift.double()).reshape(f.shape)
+                p = torch.softmax(fc, dim=-1)
                 B = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
                 B = B + JITTER * torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
                 M += torch.einsum("bmd,bmn,bne->de", J, B, J)
