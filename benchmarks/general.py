@@ -16,7 +16,9 @@
    (``--mem-gb``, RLIMIT_AS), so an out-of-memory attempt fails cleanly with an error.
 
 laplace-torch is optional: give its interpreter with ``--laplace-python`` (a separate venv; it is
-never a dependency of dip-uq). Without it only our side runs.
+never a dependency of dip-uq; ``pip install torch==2.13.0 laplace-torch==0.3
+curvlinops-for-pytorch==3.0.1 scikit-learn`` then ``pip uninstall torchvision``, whose wheel does
+not load with the CPU torch). Without it only our side runs.
 
     python benchmarks/general.py --quick
     python benchmarks/general.py --only scaling --sizes 16x10,48x10 --k-scaling 2 --cg-iter 1
