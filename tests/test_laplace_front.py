@@ -14,13 +14,7 @@ from dip_uq.laplace import Categorical, Gaussian, LinearisedLaplace
 from dip_uq.laplace.em import maximise_evidence
 from dip_uq.laplace.front import Laplace
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy(kind: str, n: int = 40, n_in: int = 3, n_out: int = 2, seed: int = 0):

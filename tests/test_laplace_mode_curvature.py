@@ -15,13 +15,7 @@ from dip_uq import metrics
 from dip_uq.examples import MLP, digits_loaders, train
 from dip_uq.laplace.front import Laplace
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed=0):

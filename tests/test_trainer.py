@@ -16,15 +16,7 @@ from operators.analytic import fbp, fdk
 from operators.noise import add_gaussian_noise
 from operators.phantoms import shepp_logan_2d, shepp_logan_3d
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These problems are tiny: one thread is faster than two, and immune to oversubscription
-    # when the suite shares the cores (two threads were measured 9x slower under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem_2d(n: int, n_angles: int, rel: float = 0.05, seed: int = 0):
