@@ -39,6 +39,7 @@ def _toy(n=40, n_in=3, n_out=3, seed=0):
 
 def _dense(la: Laplace, x: torch.Tensor, theta: torch.Tensor):
     """Logits of the tangent model at θ and J ``(n, C, d)`` in float64."""
+    x = x.to(la.fmodel.theta_star().device)
     f = la.fmodel.output(x).double()
     J = la.fmodel.dense_jacobian(x).double().reshape(f.shape[0], f.shape[1], -1)
     theta_star = la.fmodel.theta_star().double()
@@ -47,7 +48,8 @@ def _dense(la: Laplace, x: torch.Tensor, theta: torch.Tensor):
 
 def _ggn(logits: torch.Tensor, J: torch.Tensor) -> torch.Tensor:
     p = torch.softmax(logits, -1)
-    B = torch.diag_embed(p) - p[:, :, None] * p[:, None, :] + 1e-6 * torch.eye(p.shape[1])
+    eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+    B = torch.diag_embed(p) - p[:, :, None] * p[:, None, :] + 1e-6 * eye
     return torch.einsum("ncd,nce,nef->df", J, B, J)
 
 
@@ -96,10 +98,13 @@ def test_mode_curvature_is_the_laplace_approximation_of_the_tangent_model():
     torch.testing.assert_close(la.exact_functional_variance(xt), ref, rtol=1e-6, atol=1e-10)
 
 
-def test_mode_noise_and_samples_match_the_dense_posterior():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_mode_noise_and_samples_match_the_dense_posterior(device):
     """The redrawn noise Σ J_nᵀ L_n ε_n has covariance M(θ_lin); CG samples of J(x)z have
-    variance diag J(x) H⁻¹ J(x)ᵀ within Monte-Carlo error (relative sd sqrt(2/K))."""
+    variance diag J(x) H⁻¹ J(x)ᵀ within Monte-Carlo error (relative sd sqrt(2/K)). On CUDA the
+    noise seed and its redraws come from a CUDA generator."""
     net, x, y, loader = _toy()
+    net = net.to(device)
     k = 1500
     la = Laplace(
         net,
@@ -107,7 +112,7 @@ def test_mode_noise_and_samples_match_the_dense_posterior():
         prior="scalar",
         prior_precision=2.0,
         n_samples=k,
-        generator=_gen(3),
+        generator=torch.Generator(device=device).manual_seed(3),
         curvature="mode",
         solver_opts={"tol": 1e-6},
     )
@@ -115,15 +120,16 @@ def test_mode_noise_and_samples_match_the_dense_posterior():
     logits, J = _dense(la, x, la.theta_lin)
     M = _ggn(logits, J)
     cov = la.noise_t.double().T @ la.noise_t.double() / k
+    assert la.noise_t.device.type == device
     # entrywise sd of a K-sample covariance: sqrt((M_ii M_jj + M_ij²)/K)
     sd = ((M.diagonal()[:, None] * M.diagonal()[None] + M**2) / k).sqrt()
     z = (cov - M) / sd
     assert float(z.abs().max()) < 6 and abs(float(z.mean())) < 0.2, float(z.abs().max())
 
-    xt = torch.randn(6, 3, generator=_gen(4))
+    xt = torch.randn(6, 3, generator=_gen(4)).to(device)
     exact = la.exact_functional_variance(xt)
     var = (la.functional_samples(xt) - net(xt).detach()).pow(2).mean(0)
-    rel = (var.double() - exact) / exact
+    rel = ((var.double() - exact) / exact).cpu()
     mc = math.sqrt(2 / k)
     assert float(rel.abs().max()) < 5 * mc, float(rel.abs().max())
     assert abs(float(rel.mean())) < 3 * mc
