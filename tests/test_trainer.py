@@ -8,7 +8,13 @@ import torch
 
 from dip_uq.dip import checkpoint as ckpt_mod
 from dip_uq.dip.checkpoint import CheckpointError, load_checkpoint
-from dip_uq.dip.trainer import CHECKPOINT_NAME, VarianceStopping, fit_dip, initial_input
+from dip_uq.dip.trainer import (
+    CHECKPOINT_NAME,
+    HeldOutStopping,
+    VarianceStopping,
+    fit_dip,
+    initial_input,
+)
 from dip_uq.dip.unet import UNet, mc_dropout_samples
 from dip_uq.metrics import psnr
 from operators import ConeBeam3D, Parallel2D, RayTransform, VolumeGeometry
@@ -254,6 +260,80 @@ def test_stopping_rule_in_training_is_off_by_default_and_ends_runs():
     res = fit_dip(op, y, net=_tiny_net(), generator=_gen(), stopping=rule, **kw)
     assert res.stopped_early and res.iterations_run < 60
     assert len(res.loss_history) == res.iterations_run
+
+
+def _heldout_problem():
+    vol = VolumeGeometry(shape=(16, 16))
+    op = RayTransform(vol, Parallel2D.default(vol, n_angles=10))
+    x = shepp_logan_2d((16, 16))
+    y, _ = add_gaussian_noise(op(x), rel=0.05, generator=torch.Generator().manual_seed(0))
+    fit, held = [v for v in range(10) if v % 5], [0, 5]
+    from operators.subset import take_views
+
+    return take_views(op, fit), y[fit], take_views(op, held), y[held]
+
+
+def test_heldout_stopping_returns_the_lowest_heldout_iterate_and_stops():
+    op, y, op_h, y_h = _heldout_problem()
+    seen = {}
+
+    def log(it, loss, image):  # the held-out residual of every iterate, computed here
+        seen[it] = float((op_h(image) - y_h).pow(2).mean())
+
+    kw = dict(tv_weight=1e-3, iterations=400, lr=1e-2, progress=False, callback=log)
+    rule = HeldOutStopping(op_h, y_h, every=1, patience=5)
+    res = fit_dip(op, y, net=_tiny_net(), generator=_gen(), stopping=rule, **kw)
+    best = min(seen, key=seen.get)
+    assert res.best_iteration == best == rule.best_at
+    assert abs(float((op_h(res.image) - y_h).pow(2).mean()) - seen[best]) < 1e-6
+    assert res.stopped_early and res.iterations_run == best + 5 + 1
+    # not the lowest training loss: selection is on measurements the fit never saw
+    assert res.best_iteration != int(res.loss_history.argmin()) or res.iterations_run < 400
+
+
+def test_heldout_stopping_resumes_bit_for_bit(tmp_path):
+    op, y, op_h, y_h = _heldout_problem()
+    kw = dict(tv_weight=1e-3, iterations=40, lr=1e-2, init="noise", progress=False)
+
+    def rule():
+        return HeldOutStopping(op_h, y_h, every=3, patience=1000)
+
+    full = fit_dip(op, y, net=_tiny_net(), generator=_gen(), stopping=rule(), **kw)
+
+    def crash(it, loss, image):
+        if it == 23:
+            raise _Interrupt
+
+    d = tmp_path / "ck"
+    with pytest.raises(_Interrupt):
+        fit_dip(
+            op,
+            y,
+            net=_tiny_net(),
+            generator=_gen(),
+            stopping=rule(),
+            callback=crash,
+            checkpoint_dir=d,
+            checkpoint_every=10,
+            **kw,
+        )
+    res = fit_dip(
+        op,
+        y,
+        net=_tiny_net(seed=5),
+        generator=_gen(7),
+        stopping=rule(),
+        checkpoint_dir=d,
+        checkpoint_every=10,
+        resume=True,
+        **kw,
+    )
+    assert res.best_iteration == full.best_iteration
+    assert torch.equal(res.image, full.image)
+    with pytest.raises(ValueError, match="patience"):
+        HeldOutStopping(op_h, y_h, patience=0)
+    with pytest.raises(ValueError, match="sinogram shape"):
+        HeldOutStopping(op_h, y)
 
 
 def test_init_options():

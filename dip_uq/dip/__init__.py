@@ -2,7 +2,7 @@
 
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint
 from .pretrain import PretrainResult, load_pretrained, pretrain_edip, save_pretrained
-from .trainer import DIPResult, VarianceStopping, fit_dip, initial_input
+from .trainer import DIPResult, HeldOutStopping, VarianceStopping, fit_dip, initial_input
 from .tv import tv, tv_subgradient
 from .unet import (
     PRESETS,
@@ -18,6 +18,7 @@ __all__ = [
     "fit_dip",
     "DIPResult",
     "VarianceStopping",
+    "HeldOutStopping",
     "initial_input",
     "pretrain_edip",
     "PretrainResult",

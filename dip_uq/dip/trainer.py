@@ -38,6 +38,7 @@ from .unet import UNetConfig, build_unet
 __all__ = [
     "DIPResult",
     "VarianceStopping",
+    "HeldOutStopping",
     "fit_dip",
     "initial_input",
     "CHECKPOINT_NAME",
@@ -128,6 +129,66 @@ class VarianceStopping:
     def load_state_dict(self, state: dict) -> None:
         self._buf = deque(state["buf"], maxlen=self.window)
         self.best_variance = float(state["best_variance"])
+        self.best_at = int(state["best_at"])
+        self.history = [(int(i), float(v)) for i, v in state["history"]]
+
+
+class HeldOutStopping:
+    """Early stopping and model selection on measurements left out of the fit.
+
+    Every ``every`` iterations the current image is projected by ``operator`` (the held-out
+    views) and the mean squared held-out residual ``(1/n_h) ‖A_h x − y_h‖²`` recorded: the
+    error in directions the fit does not see, which falls while the network learns the object
+    and rises once it fits noise. :func:`fit_dip` then returns the iterate with the **lowest
+    held-out residual** (not the lowest training loss), and training stops when that has not
+    improved for ``patience`` iterations (after at least ``min_iterations``).
+    """
+
+    selects = True  # fit_dip returns this rule's best iterate
+
+    def __init__(
+        self,
+        operator: Any,
+        y: Any,
+        *,
+        every: int = 10,
+        patience: int = 1000,
+        min_iterations: int = 0,
+    ) -> None:
+        if int(every) < 1 or int(patience) < 1 or int(min_iterations) < 0:
+            raise ValueError("HeldOutStopping needs every >= 1, patience >= 1, min_iterations >= 0")
+        _, rng = _check_operator(operator)
+        self.operator = operator
+        self.y = _check_y(y, rng)
+        self.every, self.patience = int(every), int(patience)
+        self.min_iterations = int(min_iterations)
+        self.best_value = math.inf
+        self.best_at = -1
+        self.history: list[tuple[int, float]] = []
+
+    def due(self, iteration: int) -> bool:
+        return iteration % self.every == 0
+
+    def record(self, iteration: int, image: torch.Tensor) -> bool:
+        """Held-out residual of ``image``; returns whether it is a new minimum."""
+        with torch.no_grad():
+            y = self.y.to(device=image.device, dtype=image.dtype)
+            v = float((self.operator(image.detach()) - y).pow(2).mean())
+        self.history.append((iteration, v))
+        if v < self.best_value:
+            self.best_value, self.best_at = v, iteration
+            return True
+        return False
+
+    def update(self, iteration: int, image: torch.Tensor) -> bool:
+        """Whether to stop (the residual is recorded by :meth:`record`)."""
+        return iteration >= self.min_iterations and iteration - self.best_at >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best_value": self.best_value, "best_at": self.best_at, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best_value = float(state["best_value"])
         self.best_at = int(state["best_at"])
         self.history = [(int(i), float(v)) for i, v in state["history"]]
 
@@ -271,7 +332,9 @@ def fit_dip(
         resume: continue from the checkpoint in ``checkpoint_dir`` if there is one.
         clip_grad_norm: gradient-norm clip (``None`` disables).
         param_clamp: after each step clamp every parameter to ``[-c, c]`` (``None``: off).
-        stopping: optional :class:`VarianceStopping` rule (off by default).
+        stopping: optional :class:`VarianceStopping` or :class:`HeldOutStopping` rule (off
+            by default); with the latter the returned iterate is the one with the lowest
+            held-out residual.
         saturation_barrier, saturation_weight: for a U-Net with an output sigmoid, add
             ``saturation_weight * mean_v relu(|t_v| - saturation_barrier)^2`` over its
             pre-activations ``t`` to the loss (``None``: off; no effect without a sigmoid).
@@ -323,6 +386,7 @@ def fit_dip(
         and hasattr(model, "pre_activation")
     )
     d_y = y.numel()
+    selecting = bool(getattr(stopping, "selects", False))
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
 
     start = 0
@@ -420,7 +484,11 @@ def fit_dip(
                     f"DIP loss became {value} at iteration {it}; lower lr or check the data scale"
                 )
             losses[it] = value
-            if value < best_loss:
+            if selecting:
+                better = stopping.due(it) and stopping.record(it, x)
+            else:
+                better = value < best_loss
+            if better:
                 best_loss, best_it = value, it
                 best_state = clone_state(model.state_dict())
                 best_image = x.detach().clone()

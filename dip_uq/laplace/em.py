@@ -11,7 +11,8 @@ Effective dimension estimators (γ = Σ_b γ_b):
   ``"function"``: γ_b = mean_k z_{k,b}ᵀ (GᵀG z_k)_b, unbiased for Σ_{i∈b}(H⁻¹M)_ii, whose sum
                  is mean_k ‖G z_k‖² (preferred when d ≫ γ);
   ``"weight"``:   γ_b = d_b − mean_k z_{k,b}ᵀ Σ_b⁻¹ z_{k,b};
-  ``"exact"``:    dense traces (only with ``solver="exact"``).
+  ``"exact"``:    dense traces (only with ``solver="exact"``); the Matérn lengthscale step
+                 then takes the posterior's tap moments from ``n_samples`` exact draws.
 The first ``tied_cycles`` cycles use one shared σ² (Σ q_b / Σ γ_b), then per block.
 EM fixed points are stationary points of the exact evidence (checked against
 :func:`maximise_evidence` in the tests).
@@ -147,6 +148,11 @@ def fit_em(
         if estimator == "exact":
             gamma_b = exact_block_gamma(system, factors)
             stats, sample_res = None, None
+            if matern and update_lengthscale:
+                # the lengthscale step needs the posterior's tap moments: exact draws from the
+                # dense factors (γ stays exact; only the moments carry Monte-Carlo error)
+                draws = solve(system, n_samples, generator, factors=factors).samples
+                stats = {"moments": prior.second_moments(draws)}
         else:
             stats, sample_res, sample_init = _sample_statistics(
                 system,
@@ -167,7 +173,9 @@ def fit_em(
         # γ ≤ rank M ≤ n_obs: unconverged samples can overshoot it, and σ² = r²/(n_obs − γ)
         # must stay finite (the caller sees the raw γ_b in the history and can warn).
         gamma = float(gamma_b.sum().clamp(1.0, float(max(1, min(sel.d, system.n_obs - 1)))))
-        unresolved = _unresolved_blocks(gamma_b, stats, noise_margin)
+        unresolved = _unresolved_blocks(
+            gamma_b, stats if estimator != "exact" else None, noise_margin
+        )
         gamma_b = torch.minimum(gamma_b.clamp_min(1e-6), sizes)  # per-block updates only
 
         with torch.no_grad():
@@ -182,7 +190,7 @@ def fit_em(
             resid = la.targets - la.linear_prediction(theta_lin)
             r2 = float((resid.double() ** 2).sum())
             n_obs = system.n_obs
-            se = stats["gamma_se"] if stats is not None else 0.0
+            se = stats.get("gamma_se", 0.0) if stats is not None else 0.0
             # γ̂ within its Monte-Carlo error of n_obs (a DIP that fits its data): r²/(n_obs − γ̂)
             # is then a ratio of two small numbers, and a few units of error in γ̂ sent σ² up
             # 1000x on a protocol image. The denominator is floored at noise_margin standard
