@@ -144,7 +144,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "it with FBP and DIP, print both PSNRs and write a figure.",
     )
     p.add_argument("--out", "-o", type=Path, default=Path("runs/demo"))
-    p.add_argument("--quick", action="store_true", help="64^2 and 150 iterations (smoke test)")
+    p.add_argument("--quick", action="store_true", help="32^2, short runs (smoke test)")
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -157,7 +157,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dip-uq",
-        description="CT reconstruction with the deep image prior (and, later, uncertainty).",
+        description="CT reconstruction with the deep image prior and a calibrated voxelwise "
+        "uncertainty map.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_reconstruct(sub)
@@ -397,12 +398,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"PSNR DIP: {r['psnr_dip']:.2f} dB   SSIM {r['ssim_dip']:.3f}")
     if "uq_metrics" in r:
         m = r["uq_metrics"]
+        h = m["heldout"]
         print(
             f"linearised DIP: noise variance {r['noise_var_learned']:.4g} "
             f"(true {r['noise_var_true']:.4g}, {100 * r['noise_var_rel_error']:+.0f}%), "
-            f"test log-likelihood {m['test_log_likelihood']:.3f}, "
-            f"90% coverage {m['coverage']['0.9']:.3f}, z-score std {m['zscore']['std']:.2f}, "
-            f"corr(std, |error|) {m['std_error_correlation']:.2f}"
+            f"DIP misfit / noise variance {r['dip_misfit_over_noise_var']:.2f}"
+        )
+        if h is not None:
+            print(
+                f"held-out views {h['views']}: variance scales {h['scales']}; 90% coverage of "
+                f"held-out measurements {h['raw']['coverage']['0.9']:.3f} raw, "
+                f"{h['calibrated']['coverage']['0.9']:.3f} calibrated; predicted image "
+                f"coverage {h['predicted_image_coverage']['calibrated']['0.9']:.3f}"
+            )
+        print(
+            f"against the truth: 50/90% coverage {m['coverage']['0.5']:.3f}/"
+            f"{m['coverage']['0.9']:.3f}, z-score std {m['zscore']['std']:.2f}, test "
+            f"log-likelihood {m['test_log_likelihood']:.3f} (one oracle std: "
+            f"{m['constant_std_log_likelihood']:.3f}), corr(std, |error|) "
+            f"{m['std_error_correlation']:.2f}"
+        )
+        print(
+            f"time: DIP {r['dip_seconds']:.0f} s, uncertainty stage {r['uq_stage_seconds']:.0f} s "
+            f"({r['uq_over_dip']:.2f}x the DIP)"
         )
         if not r["uq_converged"]:
             print("WARNING: " + "\nWARNING: ".join(r["uq_warnings"]))

@@ -449,4 +449,8 @@ def evaluate_uq(
                 x, mean, samples, patch_size=int(p), shrinkage=shrinkage, delta=delta
             )
     out["patch_log_likelihood"] = patch
+    # the oracle baseline: one std for every voxel, the RMSE (chosen with the truth)
+    out["constant_std_log_likelihood"] = -0.5 * (
+        1.0 + math.log(2 * math.pi * max(out["rmse"] ** 2, 1e-300))
+    )
     return out

@@ -25,6 +25,7 @@ hyperparameter stage, sample batches; a checkpoint written under other settings 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -56,8 +57,20 @@ HYPER_MODES = ("em", "mll", "tv-map", "fixed")
 PRIORS = ("matern", "normal", "g-prior")
 DIVERGENCE_MESSAGE = "non-finite values (NaN/inf) appeared in the {stage} stage"
 
-#: fit_dip settings used when ``dip`` is None (a short fit; pass your own for real work)
-DEFAULT_DIP = {"tv_weight": 1e-4, "iterations": 2000, "lr": 1e-3}
+#: fit_dip settings used when ``dip`` is None: a 3-scale, 16-channel U-Net with a linear
+#: output (a sigmoid caps the image at 1 and flattens J where it saturates, docs/dip.md), a
+#: resolution-free TV weight (``None``: 1e-4 · 784 / n_voxels, methods' 28×28 value), and at
+#: most ``iterations`` Adam steps, stopped and selected on the held-out views when there are
+#: any (``"stopping": "heldout"``: :class:`~dip_uq.dip.HeldOutStopping`).
+DEFAULT_DIP = {
+    "tv_weight": None,
+    "iterations": 5000,
+    "lr": 1e-3,
+    "net": {"channels": (16, 16, 16), "skip_channels": (0, 4, 4), "use_sigmoid": False},
+    "stopping": "heldout",
+}
+#: TV weight per voxel at 28×28 (methods' 20-angle setting), scaled by 784 / n_voxels
+TV_PER_784 = 1e-4
 #: warn when the output sigmoid is flat (slope < 1e-4) at more than this fraction of voxels
 SATURATION_WARN = 0.1
 
@@ -220,9 +233,12 @@ def tied_evidence_maximiser(
     return float(v), float(nv), ev
 
 
-def _resolve_dip(y, operator, dip, net_input, generator, progress, ckpt: Path | None, resume=True):
-    """Returns (net, z0, image, dip_info)."""
-    from .dip import DIPResult, fit_dip, initial_input
+def _resolve_dip(
+    y, operator, dip, net_input, generator, progress, ckpt: Path | None, resume=True, heldout=None
+):
+    """Returns (net, z0, image, dip_info). ``heldout``: (operator, y) of the held-out views,
+    for ``"stopping": "heldout"``."""
+    from .dip import DIPResult, HeldOutStopping, fit_dip, initial_input
 
     if isinstance(dip, DIPResult):
         return dip.net, dip.input, dip.image, {"source": "DIPResult"}
@@ -236,6 +252,10 @@ def _resolve_dip(y, operator, dip, net_input, generator, progress, ckpt: Path | 
         raise TypeError(
             f"dip must be None, a dict of fit_dip options, a DIPResult or a network, got {type(dip)}"
         )
+    if opts.get("tv_weight", 0.0) is None:
+        opts["tv_weight"] = TV_PER_784 * 784 / math.prod(tuple(operator.domain_shape))
+    if opts.get("stopping") == "heldout":
+        opts["stopping"] = None if heldout is None else HeldOutStopping(*heldout)
     t0 = time.perf_counter()
     kw = {}
     if ckpt is not None:
@@ -248,7 +268,12 @@ def _resolve_dip(y, operator, dip, net_input, generator, progress, ckpt: Path | 
         "best_loss": res.best_loss,
         "seconds": time.perf_counter() - t0,
         "options": {k: v for k, v in opts.items() if isinstance(v, int | float | str)},
+        "data_misfit": res.data_misfit,
     }
+    stop = opts.get("stopping")
+    if isinstance(stop, HeldOutStopping):
+        info["heldout_misfit"] = stop.best_value
+        info["stopping"] = "heldout"
     return res.net, res.input, res.image, info
 
 
@@ -446,20 +471,25 @@ def reconstruct_with_uncertainty(
     prior: str = "matern",
     hyper: str = "em",
     solver: str = "cg",
-    n_samples: int = 128,
-    em_cycles: int = 10,
-    em_samples: int = 32,
+    n_samples: int = 64,
+    em_cycles: int = 4,
+    em_samples: int = 8,
     em_solver: str | None = None,
     tied: bool | None = None,
     em_estimator: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = torch.float64,
     solver_opts: dict | None = None,
+    holdout: float = 0.1,
+    holdout_seed: int = 0,
+    calibration: str = "weights",
+    noise_term: bool = True,
+    noise_probes: int = 64,
     noise_var: float | None = None,
-    prior_variance: float = 1.0,
+    prior_variance: float = 0.1,
     lengthscale: float = 0.1,
     tv_weight: float | None = None,
     tv_scale: float = 1.0,
-    sample_batch: int = 32,
+    sample_batch: int = 16,
     reuse_preconditioner: bool = True,
     keep_samples: bool = False,
     exact_covariance: bool = False,
@@ -541,6 +571,8 @@ def reconstruct_with_uncertainty(
         :class:`UQResult` with ``mean`` = x* and ``std`` = sqrt(diag J H⁻¹ Jᵀ) (Monte Carlo).
     """
     from .dip.checkpoint import atomic_save, load_checkpoint
+    from .uq.calibration import CALIBRATION_MODES, calibrate_on_heldout, split_heldout
+    from .uq.noise_term import image_noise_term
 
     if hyper not in HYPER_MODES:
         raise ValueError(f"unknown hyper mode {hyper!r}; use one of {HYPER_MODES}")
@@ -548,12 +580,20 @@ def reconstruct_with_uncertainty(
         raise ValueError(
             f"n_samples and sample_batch must be >= 1, got {n_samples}, {sample_batch}"
         )
+    if calibration not in CALIBRATION_MODES:
+        raise ValueError(f"unknown calibration {calibration!r}; use one of {CALIBRATION_MODES}")
+    if noise_term and int(noise_probes) < 2:
+        raise ValueError(f"noise_probes must be >= 2, got {noise_probes}")
     domain, rng = _domain_range(operator)
     y = _check_y(y, rng)
-    if dtype is not None:
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-        y = y.to(dtype)
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    # views left out of every fit: calibration (and DIP stopping) without ground truth
+    split = split_heldout(operator, y, float(holdout), seed=int(holdout_seed))
+    operator = split.fit_operator
+    held_op = split.heldout_operator
+    y_dip = split.fit_y  # the DIP trains in the data's dtype
+    y = y_dip.to(dtype) if dtype is not None else y_dip
     em_solver = em_solver or solver
     if tied is None:
         tied = hyper != "em"
@@ -572,8 +612,9 @@ def reconstruct_with_uncertainty(
 
     # 1. DIP
     t0 = time.perf_counter()
+    heldout = None if held_op is None else (held_op, split.heldout_y)
     net, z0, image, dip_info = _resolve_dip(
-        y, operator, dip, net_input, generator, progress, ckpt, resume
+        y_dip, operator, dip, net_input, generator, progress, ckpt, resume, heldout
     )
     timings["dip"] = time.perf_counter() - t0
     if any(p.dtype != y.dtype or p.device != y.device for p in net.parameters()):
@@ -643,6 +684,7 @@ def reconstruct_with_uncertainty(
         "em_solver": em_solver,
         "em_estimator": em_estimator,
         "dtype": str(y.dtype),
+        "holdout": [float(holdout), int(holdout_seed)],
     }
     em_path = ckpt / "em_cycle.pt" if ckpt is not None else None
     if resume and hyper_path is not None and hyper_path.exists():
@@ -708,7 +750,7 @@ def reconstruct_with_uncertainty(
 
     # 5. samples, streamed (resumable per batch)
     t0 = time.perf_counter()
-    acc, kept, sample_diag, done = Welford(), [], [], 0
+    acc, acc_h, kept, sample_diag, done = Welford(), Welford(), [], [], 0
     samp_path = ckpt / "samples.pt" if ckpt is not None else None
     samp_settings = {
         **hyper_settings,
@@ -720,6 +762,8 @@ def reconstruct_with_uncertainty(
         st = load_checkpoint(samp_path)
         _check_resumed_settings(samp_path, st.get("settings"), samp_settings)
         acc.load_state_dict(st["welford"])
+        if st.get("welford_heldout") is not None:
+            acc_h.load_state_dict(st["welford_heldout"])
         kept, sample_diag, done = list(st["kept"]), list(st["diag"]), int(st["done"])
         if generator is not None and st.get("generator") is not None:
             generator.set_state(st["generator"])
@@ -747,6 +791,9 @@ def reconstruct_with_uncertainty(
             fs = la.functional_samples(res.samples)
             _finite_or_raise(f"{solver} sampling", fs)
             acc.update(fs)
+            if held_op is not None:  # the same samples seen from the held-out views
+                with torch.no_grad():
+                    acc_h.update(held_op(fs.reshape(-1, *domain)).reshape(fs.shape[0], -1))
             if keep_samples:
                 kept.append(fs.detach().cpu())
             sample_diag.append(
@@ -763,6 +810,7 @@ def reconstruct_with_uncertainty(
                 atomic_save(
                     {
                         "welford": acc.state_dict(),
+                        "welford_heldout": acc_h.state_dict() if held_op is not None else None,
                         "kept": kept,
                         "diag": sample_diag,
                         "done": done,
@@ -787,12 +835,82 @@ def reconstruct_with_uncertainty(
     var = acc.second_moment()
     cov = exact_image_covariance(la) if exact_covariance else None
 
+    # 6. image-space noise term and calibration on the held-out views (resumable)
+    t0 = time.perf_counter()
+    sigma2 = float(la.likelihood.noise_var)
+    components = {"weights": var.reshape(domain)}
+    heldout_components = {"weights": acc_h.second_moment()} if held_op is not None else {}
+    noise_info: dict[str, Any] = {}
+    if noise_term:
+        nt = _noise_stage(
+            ckpt,
+            resume,
+            operator,
+            y,
+            sigma2,
+            noise_probes,
+            sample_batch,
+            held_op,
+            generator,
+            {**samp_settings, "noise_probes": int(noise_probes)},
+            image_noise_term,
+        )
+        components["noise"] = nt.variance.to(var.dtype).reshape(domain)
+        if held_op is not None:
+            heldout_components["noise"] = nt.heldout_variance
+        noise_info = {"alpha": nt.alpha, "n_probes": nt.n_probes, **nt.diagnostics}
+        if not nt.converged:
+            _warn(
+                notes,
+                f"image-space noise term: CG stopped at relative residual "
+                f"{nt.diagnostics.get('cg_residual'):.3g}; the noise std map may be biased",
+            )
+        if not nt.diagnostics.get("discrepancy_bracketed", True):
+            advisories.append(
+                "image-space noise term: no Tikhonov weight meets the discrepancy principle "
+                f"(misfit {nt.diagnostics['discrepancy_misfit']:.3g} vs σ² "
+                f"{nt.diagnostics['discrepancy_target']:.3g}); the weight at the end of the "
+                "search range was used"
+            )
+    timings["noise_term"] = time.perf_counter() - t0
+    calib, heldout_data = None, {}
+    scales = {c: 1.0 for c in components}
+    if held_op is not None:
+        with torch.no_grad():
+            resid_h = split.heldout_y.to(y.dtype) - held_op(image.reshape(domain).to(y.dtype))
+        calib = calibrate_on_heldout(
+            resid_h.reshape(-1),
+            heldout_components,
+            components,
+            sigma2,
+            split.view_of,
+            split.views,
+            mode=calibration,
+        )
+        scales = dict(calib.scales)
+        heldout_data = {
+            "residual": resid_h.reshape(-1),
+            "view_of": split.view_of,
+            **{f"variance_{c}": v.reshape(-1) for c, v in heldout_components.items()},
+        }
+    elif calibration != "none":
+        advisories.append(
+            "no held-out views (holdout=0): the std map is the model's own, not calibrated "
+            "against measurements it did not fit; on real scans it can be several times too "
+            "confident (docs/uncertainty.md)"
+        )
+
     sel = la.selection
     variances = la.prior.variances().detach()
     lengths = la.prior.lengthscales().detach()
+    total = sum(scales[c] * v for c, v in components.items())
     return UQResult(
         mean=image.detach().reshape(domain).to(y.dtype),
-        std=var.sqrt().reshape(domain),
+        std=total.sqrt().reshape(domain),
+        components=components,
+        variance_scales=scales,
+        calibration=None if calib is None else calib.to_dict(),
+        heldout=heldout_data,
         noise_var=float(la.likelihood.noise_var),
         prior_variance={b: float(variances[i]) for i, b in enumerate(sel.block_names)},
         lengthscale={
@@ -820,11 +938,49 @@ def reconstruct_with_uncertainty(
             "warnings": notes,
             "saturated_fraction": saturated,
             "advisories": advisories,  # warnings about the model, not about convergence
+            "noise_term": noise_info,
+            "heldout_views": list(split.views),
+            "misfit_over_noise_var": dip_info["data_misfit"] / sigma2,
         },
         samples=torch.cat(kept) if kept else None,
         covariance=cov,
         laplace=la,
     )
+
+
+def _noise_stage(ckpt, resume, op, y, sigma2, probes, batch, held_op, generator, settings, fn):
+    """The image-space noise term, checkpointed as ``noise_term.pt`` (keyed on the sample
+    stage's settings, the probe count and σ²)."""
+    from .dip.checkpoint import atomic_save, load_checkpoint
+    from .uq.noise_term import NoiseTerm
+
+    path = ckpt / "noise_term.pt" if ckpt is not None else None
+    settings = {**settings, "noise_var": float(sigma2)}
+    if resume and path is not None and path.exists():
+        st = load_checkpoint(path)
+        _check_resumed_settings(path, st.get("settings"), settings)
+        if generator is not None and st.get("generator") is not None:
+            generator.set_state(st["generator"])
+        return NoiseTerm(**st["term"])
+    nt = fn(
+        op,
+        y,
+        sigma2,
+        n_probes=int(probes),
+        batch=int(batch),
+        heldout_op=held_op,
+        generator=generator,
+    )
+    if path is not None:
+        atomic_save(
+            {
+                "term": dataclasses.asdict(nt),
+                "settings": settings,
+                "generator": generator.get_state() if generator is not None else None,
+            },
+            path,
+        )
+    return nt
 
 
 def _progress(*, total: int, initial: int, enabled: bool, desc: str):

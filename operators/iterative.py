@@ -211,6 +211,7 @@ class DiscrepancyResult:
             below (above) the target; ``alpha`` is then that end of the range.
         grid: ``(alpha, misfit)`` pairs evaluated, for plots and checks.
         info: the multi-shift CG record.
+        refine: the record of the refining solve at ``alpha`` (None when unbracketed).
     """
 
     alpha: float
@@ -220,6 +221,7 @@ class DiscrepancyResult:
     bracketed: bool
     grid: list[tuple[float, float]] = field(default_factory=list)
     info: CGInfo | None = None
+    refine: CGInfo | None = None
 
 
 def discrepancy_tikhonov(
@@ -302,7 +304,7 @@ def discrepancy_tikhonov(
     alpha = math.exp(l0 + min(max(t, 0.0), 1.0) * (l1 - l0))
     x, cg = tikhonov(op, y, alpha, tol=tol, max_iter=max_iter, x0=xs[j1])
     m = float(misfit(x[None])[0])
-    return DiscrepancyResult(alpha, x, m, target, True, grid, cg)
+    return DiscrepancyResult(alpha, x, m, target, True, grid, info, cg)
 
 
 def _power_norm(op: Any, like: torch.Tensor, generator: torch.Generator | None) -> float:

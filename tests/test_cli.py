@@ -294,7 +294,8 @@ def test_demo_quick(tmp_path, capsys):
     assert "PSNR FBP" in out and "PSNR DIP" in out
     assert (tmp_path / "demo.png").stat().st_size > 0
     r = json.loads((tmp_path / "demo.json").read_text())
-    assert r["image_shape"] == [64, 64] and math.isfinite(r["psnr_dip"])
+    assert r["image_shape"] == [32, 32] and math.isfinite(r["psnr_dip"])
+    assert "held-out views" in out and r["uq_metrics"]["heldout"]["scales"]["weights"] > 0
 
 
 def test_reconstruct_with_edip_pretraining(tmp_path, capsys):

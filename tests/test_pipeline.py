@@ -19,6 +19,9 @@ from operators.phantoms import random_ellipses
 torch.set_num_threads(1)
 
 SGD28_ITERATIONS = 3000  # with the automatic momentum (benchmarks/README.md)
+#: the weight posterior alone: no held-out views, no image-space noise term (these tests check
+#: it against dense references; the calibrated predictive is tested in test_heldout_calibration)
+POSTERIOR = dict(holdout=0, noise_term=False)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,7 @@ def test_exact_pipeline_matches_dense_posterior(problem, tmp_path):
         keep_samples=True,
         generator=torch.Generator().manual_seed(1),
         progress=False,
+        **POSTERIOR,
     )
     cov = dense_posterior_cov(problem["dip"], problem["op"], nv, pv)
     std_ref = cov.diagonal().sqrt().reshape(12, 12)
@@ -115,6 +119,7 @@ def test_scalable_solvers_match_exact_std(problem, solver, opts):
         n_samples=64,
         sample_batch=64,
         progress=False,
+        **POSTERIOR,
     )
     ref = reconstruct_with_uncertainty(
         problem["y"],
@@ -139,7 +144,9 @@ def test_scalable_solvers_match_exact_std(problem, solver, opts):
 
 
 def test_em_and_mll_agree_on_noise(problem):
-    kw = dict(dip=problem["dip"], prior="normal", n_samples=8, tied=True, progress=False)
+    kw = dict(
+        dip=problem["dip"], prior="normal", n_samples=8, tied=True, progress=False, **POSTERIOR
+    )
     em = reconstruct_with_uncertainty(
         problem["y"],
         problem["op"],
@@ -238,7 +245,9 @@ def test_non_convergence_is_recorded_in_the_result(problem):
 
 def _small_em(problem, **over) -> dict:
     """Options of a cheap EM run on the 12×12 problem (Normal prior)."""
-    kw = dict(dip=problem["dip"], prior="normal", hyper="em", em_samples=8, progress=False)
+    kw = dict(
+        dip=problem["dip"], prior="normal", hyper="em", em_samples=8, progress=False, **POSTERIOR
+    )
     return {**kw, **over}
 
 
@@ -344,7 +353,9 @@ def test_resume_refuses_other_settings(problem, tmp_path):
 def test_em_default_is_per_block_mll_default_is_tied(problem):
     """tied=None: EM follows the methods' schedule (tied cycles, then one variance per
     block); the dense type-II modes keep one shared variance."""
-    kw = dict(dip=problem["dip"], prior="normal", solver="exact", n_samples=2, progress=False)
+    kw = dict(
+        dip=problem["dip"], prior="normal", solver="exact", n_samples=2, progress=False, **POSTERIOR
+    )
     em = reconstruct_with_uncertainty(problem["y"], problem["op"], hyper="em", em_cycles=4, **kw)
     assert em.diagnostics["tied"] is False
     first, last = em.trajectories["prior_variance"][0], em.trajectories["prior_variance"][-1]
@@ -360,7 +371,9 @@ def test_em_default_is_per_block_mll_default_is_tied(problem):
 def test_tv_map_regularises_lengthscales(problem):
     """The exact evidence is flat in some Matérn lengthscales (MLL drives them to its lower
     bound); the TV-PredCP hyperprior keeps them finite while σ² barely moves."""
-    kw = dict(dip=problem["dip"], prior="matern", solver="exact", n_samples=4, progress=False)
+    kw = dict(
+        dip=problem["dip"], prior="matern", solver="exact", n_samples=4, progress=False, **POSTERIOR
+    )
     mll = reconstruct_with_uncertainty(problem["y"], problem["op"], hyper="mll", **kw)
     tvm = reconstruct_with_uncertainty(
         problem["y"],
@@ -408,6 +421,7 @@ def test_protocol28_solvers_match_exact_std(protocol28):
         noise_var=p["std"] ** 2,
         prior_variance=0.06,
         progress=False,
+        **POSTERIOR,
     )
     base = reconstruct_with_uncertainty(p["y"], p["op"], solver="cg", n_samples=1, **kw)
     exact_std = exact_image_covariance(base.laplace).diagonal().sqrt().reshape(28, 28)
@@ -478,7 +492,7 @@ def test_saturated_sigmoid_is_reported(problem):
     with torch.no_grad():
         net.outc.bias.fill_(-30.0)  # every pre-activation far below the ±15 clamp
     assert net.saturated_fraction(z) == 1.0
-    kw = dict(hyper="fixed", solver="exact", n_samples=8, progress=False)
+    kw = dict(hyper="fixed", solver="exact", n_samples=8, progress=False, **POSTERIOR)
     with pytest.warns(RuntimeWarning, match="saturated at 100 %"):
         res = reconstruct_with_uncertainty(problem["y"], problem["op"], dip=net, net_input=z, **kw)
     assert res.diagnostics["saturated_fraction"] == 1.0
