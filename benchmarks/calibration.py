@@ -76,9 +76,21 @@ def scores(res: UQResult, x: torch.Tensor) -> dict:
     }
 
 
-def run_case(name: str, out: Path, threads: int) -> dict:
+#: ``--quick`` (the smoke test): a 24² image, 12 views and a few iterations of everything
+QUICK = dict(
+    size=24, views=12, options=dict(em_cycles=1, em_samples=4, n_samples=4, noise_probes=4)
+)
+
+
+def run_case(name: str, out: Path, threads: int, quick: bool = False) -> dict:
     image, size, views, level, split = CASES[name]
     torch.set_num_threads(threads)
+    options: dict = {}
+    if quick:
+        from dip_uq.pipeline import DEFAULT_DIP
+
+        size, views = QUICK["size"], QUICK["views"]
+        options = {**QUICK["options"], "dip": {**DEFAULT_DIP, "iterations": 40}}
     x = image_of(image, size)
     vol = VolumeGeometry(shape=x.shape)
     op = RayTransform(vol, FanBeam2D.default(vol, n_angles=views))
@@ -86,7 +98,7 @@ def run_case(name: str, out: Path, threads: int) -> dict:
     y, std = add_gaussian_noise(op(x), rel=level, generator=g)
     t0 = time.perf_counter()
     res = reconstruct_with_uncertainty(
-        y, op, generator=torch.Generator().manual_seed(0), progress=False
+        y, op, generator=torch.Generator().manual_seed(0), progress=False, **options
     )
     seconds = time.perf_counter() - t0
     res.save(out / name)
@@ -156,6 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("runs/calibration"))
     p.add_argument("--table", type=Path, help="only print the table of finished cases here")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     args = p.parse_args(argv)
     if args.table is not None:
         rows = [json.loads(f.read_text()) for f in sorted(args.table.glob("*.json"))]

@@ -90,23 +90,49 @@ def _add_uncertainty(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--geometry", "-g", type=Path, required=True, help="JSON/TOML geometry file")
     p.add_argument("--out", "-o", type=Path, required=True, help="output directory")
     p.add_argument("--key", help="array name inside .npz / dataset path inside HDF5")
-    p.add_argument("--iterations", type=int, default=2000, help="DIP iterations (2000)")
-    p.add_argument("--tv-weight", type=float, default=1e-4, help=TV_HELP)
-    p.add_argument("--lr", type=float, default=1e-4, help="DIP Adam learning rate (1e-4)")
-    p.add_argument("--net", default="small", help="U-Net preset (small, large) or a .pt file")
+    p.add_argument(
+        "--iterations", type=int, default=None, help="DIP iteration budget (the API's: 5000)"
+    )
+    p.add_argument(
+        "--tv-weight",
+        type=float,
+        default=None,
+        help="TV weight gamma (default: 1e-4 * 784 / n_voxels, the methods' 28x28 value scaled)",
+    )
+    p.add_argument("--lr", type=float, default=None, help="DIP Adam learning rate (1e-3)")
+    p.add_argument(
+        "--net",
+        default=None,
+        help="U-Net preset (small, large) or a .pt file (default: 3 scales x 16 channels, "
+        "linear output)",
+    )
     p.add_argument(
         "--linear-output",
         action="store_true",
-        help="the preset without its output sigmoid (docs/dip.md: the sigmoid, trained with "
-        "the saturation barrier, is the default)",
+        help="with --net PRESET: the preset without its output sigmoid",
     )
     p.add_argument("--init", default="fbp", choices=("fbp", "backprojection", "noise"))
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.1,
+        help="fraction of the views held out for calibration and DIP stopping (0.1; 0: none, "
+        "the std map is then not calibrated against measurements)",
+    )
+    p.add_argument("--holdout-seed", type=int, default=0)
+    p.add_argument(
+        "--calibration",
+        default="weights",
+        choices=("weights", "weights+noise", "per-component", "scalar", "none"),
+        help="which variance scales the held-out views fit (docs/methods.md §6.3)",
+    )
+    p.add_argument("--noise-probes", type=int, default=64, help="noise-term probes (64)")
     p.add_argument("--prior", default="matern", choices=("matern", "normal", "g-prior"))
     p.add_argument("--hyper", default="em", choices=("em", "mll", "fixed"))
     p.add_argument("--solver", default="cg", choices=("cg", "sgd", "sdd", "exact"))
-    p.add_argument("--n-samples", type=int, default=128, help="posterior samples (128)")
-    p.add_argument("--em-cycles", type=int, default=10)
-    p.add_argument("--em-samples", type=int, default=32)
+    p.add_argument("--n-samples", type=int, default=64, help="posterior samples (64)")
+    p.add_argument("--em-cycles", type=int, default=4)
+    p.add_argument("--em-samples", type=int, default=8)
     tying = p.add_mutually_exclusive_group()
     tying.add_argument(
         "--per-block",
@@ -319,12 +345,15 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
     from operators import RayTransform
 
     from .io import read_array
-    from .pipeline import reconstruct_with_uncertainty
+    from .pipeline import DEFAULT_DIP, reconstruct_with_uncertainty
 
     volume, geometry, sino = _read_problem(args)
-    for name in ("n_samples", "em_cycles", "em_samples", "iterations"):
-        if getattr(args, name) < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("n_samples", "em_cycles", "em_samples", "iterations", "noise_probes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= args.holdout < 1:
+        raise CLIError(f"--holdout must be in [0, 1), got {args.holdout}")
     gt = None
     if args.ground_truth is not None:
         if not args.ground_truth.exists():
@@ -335,20 +364,25 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
                 f"{args.ground_truth}: ground truth shape {tuple(gt.shape)} does not match the "
                 f"volume {tuple(volume.shape)}"
             )
-    net = _net_choice(args, ndim=len(volume.shape))
+    dip = dict(DEFAULT_DIP, init=args.init)  # the API's defaults, overridden where given
+    if args.net is not None:
+        dip["net"] = _net_choice(args, ndim=len(volume.shape))
+    elif args.linear_output:
+        raise CLIError("--linear-output changes a preset: give --net small or --net large")
+    for key in ("tv_weight", "iterations", "lr"):
+        if getattr(args, key) is not None:
+            dip[key] = getattr(args, key)
     y = torch.as_tensor(np.ascontiguousarray(sino), dtype=torch.float32)
     op = RayTransform(volume, geometry)
     out: Path = args.out.expanduser()
     res = reconstruct_with_uncertainty(
         y,
         op,
-        dip={
-            "net": net,
-            "tv_weight": args.tv_weight,
-            "iterations": args.iterations,
-            "lr": args.lr,
-            "init": args.init,
-        },
+        dip=dip,
+        holdout=args.holdout,
+        holdout_seed=args.holdout_seed,
+        calibration=args.calibration,
+        noise_probes=args.noise_probes,
         prior=args.prior,
         hyper=args.hyper,
         solver=args.solver,
@@ -362,17 +396,30 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
         generator=torch.Generator().manual_seed(args.seed),
         progress=not args.no_progress,
     )
-    # metrics of the linearised-DIP predictive itself (no backprojected-noise delta: it needs
-    # a dense SVD of A, minutes already at 64^2; see metrics.discrepancy_rank for the rule)
     written = res.write_outputs(out, ground_truth=gt, spacing=tuple(volume.voxel_size))
-    print(f"learned noise variance {res.noise_var:.4g}; median std {float(res.std.median()):.4g}")
+    m = written["metrics"]
+    print(
+        f"learned noise variance {res.noise_var:.4g}; DIP misfit / noise variance "
+        f"{res.diagnostics['misfit_over_noise_var']:.2f}; median std {float(res.std.median()):.4g}"
+    )
+    h = m["heldout"]
+    if h is not None:
+        print(
+            f"held-out views {h['views']} ({h['n_measurements']} measurements): variance scales "
+            f"{ {k: round(v, 4) for k, v in h['scales'].items()} }; 90% coverage "
+            f"{h['raw']['coverage']['0.9']:.3f} raw, {h['calibrated']['coverage']['0.9']:.3f} "
+            f"calibrated (cross-fitted); predicted image coverage "
+            f"{h['predicted_image_coverage']['calibrated']['0.9']:.3f}"
+        )
     for w in res.diagnostics["warnings"]:
         print(f"WARNING: {w}")
-    if written["metrics"] is not None:
-        m = written["metrics"]
+    for a in res.diagnostics["advisories"]:
+        print(f"note: {a}")
+    if gt is not None:
         print(
-            f"PSNR {m['psnr']:.2f} dB, test log-likelihood {m['test_log_likelihood']:.3f}, "
-            f"90% coverage {m['coverage']['0.9']:.3f}"
+            f"against the ground truth: PSNR {m['psnr']:.2f} dB, 90% coverage "
+            f"{m['coverage']['0.9']:.3f}, z-score std {m['zscore']['std']:.2f}, test "
+            f"log-likelihood {m['test_log_likelihood']:.3f}"
         )
     for w in written["files"]:
         print(f"wrote {w}")

@@ -394,6 +394,21 @@ def backprojected_noise_delta(
     return float(noise_var) * float((kept**-2).sum()) / n
 
 
+def _predictive_covariance(result) -> torch.Tensor:
+    """The dense covariance of the predictive: the stored (weight-posterior) covariance times
+    its scale, plus the other components' scaled variances on the diagonal."""
+    cov = _t(result.covariance).double()
+    comps = getattr(result, "components", None) or {}
+    if not comps:
+        return cov
+    scales = getattr(result, "variance_scales", {}) or {}
+    cov = scales.get("weights", 1.0) * cov
+    for c, v in comps.items():
+        if c != "weights":
+            cov = cov + torch.diag(scales.get(c, 1.0) * _t(v).double().reshape(-1))
+    return cov
+
+
 def evaluate_uq(
     result,
     ground_truth,
@@ -406,7 +421,8 @@ def evaluate_uq(
     """Every metric of methods §6 for a :class:`~dip_uq.UQResult` against ``ground_truth``.
 
     Predictive: N(mean, Σ + δI) with Σ the result's dense ``covariance`` when present (exact
-    test log-likelihood), else diagonal std². Patch log-likelihoods use the stored samples
+    test log-likelihood; scaled by the weights' variance scale, plus the other components on
+    the diagonal), else diagonal std². Patch log-likelihoods use the stored samples
     (``keep_samples=True``); without samples the predictive is treated as diagonal (exact for
     the σ²-baselines, whose covariance is diagonal). Returns a JSON-ready dict.
     """
@@ -429,7 +445,7 @@ def evaluate_uq(
     diag_ll = -gaussian_nll(x, mean, std_pred**2)
     if getattr(result, "covariance", None) is not None:
         out["test_log_likelihood"] = exact_test_log_likelihood(
-            x, mean, result.covariance, delta=delta
+            x, mean, _predictive_covariance(result), delta=delta
         )
     else:
         out["test_log_likelihood"] = diag_ll

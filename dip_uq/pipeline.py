@@ -633,6 +633,13 @@ def reconstruct_with_uncertainty(
     image = image.to(y.dtype)
     # a saturated output sigmoid passes no gradient: zero linearised variance there
     advisories: list[str] = []  # warnings that do not mean non-convergence
+    if held_op is not None and dip_info.get("source") != "fit_dip":
+        advisories.append(
+            "the network was fitted outside this call: if it saw the held-out views "
+            f"{split.views}, their scores and the fitted variance scale are optimistic. Fit it "
+            "on dip_uq.uq.calibration.split_heldout(...).fit_operator, pass fit_dip options "
+            "as dip=, or use holdout=0"
+        )
     saturated = net.saturated_fraction(z0) if hasattr(net, "saturated_fraction") else 0.0
     if saturated > SATURATION_WARN:
         advisories.append(

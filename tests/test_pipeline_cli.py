@@ -79,6 +79,11 @@ def test_uncertainty_command(tmp_path, capsys):
         assert (out / name).stat().st_size > 0, name
     m = json.loads((out / "metrics.json").read_text())
     assert math.isfinite(m["test_log_likelihood"]) and 0 <= m["coverage"]["0.9"] <= 1
+    # the held-out views' scores, on every run
+    assert m["heldout"]["views"] and 0 <= m["heldout"]["raw"]["coverage"]["0.9"] <= 1
+    assert m["predictive"]["components"] == ["noise", "weights"]
+    assert "held-out views" in captured.out
+    assert (out / "std_weights.npz").stat().st_size > 0
     res = UQResult.load(out / "result")
     assert res.std.shape == (16, 16) and float(res.std.min()) >= 0
     assert len(res.trajectories["noise_var"]) == 2
@@ -104,6 +109,10 @@ def test_uncertainty_bad_input(tmp_path, capsys):
     assert rc == 2 and "does not match the geometry" in capsys.readouterr().err
     rc = main(["uncertainty", str(y), *out, "--n-samples", "0"])
     assert rc == 2 and "--n-samples" in capsys.readouterr().err
+    rc = main(["uncertainty", str(y), *out, "--holdout", "1.5"])
+    assert rc == 2 and "--holdout" in capsys.readouterr().err
+    rc = main(["uncertainty", str(y), *out, "--linear-output"])
+    assert rc == 2 and "--net" in capsys.readouterr().err
     rc = main(["uncertainty", str(y), *out, "--ground-truth", str(tmp_path / "bad.npy")])
     assert rc == 2 and "ground truth shape" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
