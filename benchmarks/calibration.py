@@ -183,7 +183,9 @@ def main(argv=None) -> int:
     for n in names:
         f = args.out / f"{n}.json"
         rows.append(
-            json.loads(f.read_text()) if f.exists() else run_case(n, args.out, args.threads)
+            json.loads(f.read_text())
+            if f.exists()
+            else run_case(n, args.out, args.threads, args.quick)
         )
         print(f"{n}: done", flush=True)
     md = table(rows)

@@ -74,7 +74,12 @@ def run_image(x, n_angles, noise, args, seed) -> dict:
     its = max(50, int(its * args.iter_scale))
     rank = discrepancy_rank(op, y, std**2)
     delta = backprojected_noise_delta(op, std**2, rank=rank)
-    dip = {"tv_weight": gamma, "iterations": its, "lr": args.lr, "net": "small"}
+    net = "small"
+    if args.channels:  # a narrower small preset (smoke tests)
+        from dip_uq.dip import preset_config
+
+        net = preset_config("small", channels=(args.channels,) * 3)
+    dip = {"tv_weight": gamma, "iterations": its, "lr": args.lr, "net": net}
     dip["stopping"] = "heldout"
     t0 = time.perf_counter()
     res = reconstruct_with_uncertainty(
@@ -101,6 +106,7 @@ def run_image(x, n_angles, noise, args, seed) -> dict:
     mc = dip_mcdo(
         y,
         op,
+        net_overrides={"channels": (args.channels,) * 3} if args.channels else None,
         tv_weight=gamma,
         iterations=its,
         lr=args.lr,
@@ -136,6 +142,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-images", type=int, default=8)
     p.add_argument("--iter-scale", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument(
+        "--channels", type=int, default=0, help="U-Net channels (0: the small preset's 32)"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("runs/protocol_cal"))
     p.add_argument("--table", action="store_true", help="only gather finished images")

@@ -28,7 +28,7 @@ def test_protocol_calibration_toy_run(tmp_path):
     digits = pc.digit_images(2)
     assert digits.shape == (2, 28, 28) and float(digits.max()) <= 1 and float(digits.min()) >= 0
     argv = ["--settings", "10:0.10", "--kinds", "digits", "--n-images", "1", "--iter-scale",
-            "0.01", "--out", str(tmp_path)]  # fmt: skip
+            "0.01", "--channels", "4", "--out", str(tmp_path)]  # fmt: skip
     assert pc.main(argv) == 0
     row = json.loads((tmp_path / "10a-10pc-digits-0.json").read_text())
     for k in ("ours", "sigma2=1", "mcdo"):
