@@ -1,6 +1,6 @@
 """Calibration suite: is the default std map honest on real anatomy?
 
-Every case simulates a fan-beam scan of a real slice that ships offline with our
+Every 2D case simulates a fan-beam scan of a real slice that ships offline with our
 dependencies (:mod:`dip_uq.datasets.samples`: pydicom's CT and MR test slices, matplotlib's
 MR head) or of a textured phantom (:func:`operators.phantoms.textured_phantom`), adds white
 Gaussian noise (std = level · mean|A x|) and runs the **default call**
@@ -10,7 +10,8 @@ held-out record (``UQResult.recalibrate``), for every calibration mode, and it r
 the held-out views predicted without the truth.
 
 The cases are split: ``tune`` cases were looked at while choosing defaults, ``test`` cases
-never were (they must not be used for tuning: report them as they come out).
+never were (they must not be used for tuning: report them as they come out). ``3d`` cases
+are cone-beam scans (``ConeBeam3D.default``) of textured 3D phantoms.
 
     .venv/bin/python benchmarks/calibration.py --split all --out runs/calibration
     .venv/bin/python benchmarks/calibration.py --cases ct_small-64-60-2 --threads 2
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dip_uq import UQResult, reconstruct_with_uncertainty  # noqa: E402
 from dip_uq.datasets.samples import sample_slice  # noqa: E402
 from dip_uq.metrics import evaluate_uq  # noqa: E402
-from operators import FanBeam2D, RayTransform, VolumeGeometry  # noqa: E402
+from operators import ConeBeam3D, FanBeam2D, RayTransform, VolumeGeometry  # noqa: E402
 from operators.noise import add_gaussian_noise  # noqa: E402
 from operators.phantoms import textured_phantom  # noqa: E402
 
@@ -53,12 +54,18 @@ CASES = {
     "mr_head-64-60-2": ("mr_head", 64, 60, 0.02, "test"),
     "texture1-64-40-4": ("texture:1", 64, 40, 0.04, "test"),
     "ct_small-96-50-3": ("ct_small", 96, 50, 0.03, "test"),
+    # cone beam, textured phantoms (run on their own: --split 3d)
+    "texture3d-32-60-5": ("texture3d:0", 32, 60, 0.05, "3d"),
+    "texture3d-64-60-5": ("texture3d:0", 64, 60, 0.05, "3d"),
 }
 MODES = ("weights", "weights+noise", "per-component", "scalar", "none")
 LEVELS = ("0.5", "0.9", "0.95")
 
 
 def image_of(name: str, size: int) -> torch.Tensor:
+    if name.startswith("texture3d:"):
+        g = torch.Generator().manual_seed(int(name.split(":")[1]))
+        return textured_phantom((size, size, size), generator=g)
     if name.startswith("texture:"):
         g = torch.Generator().manual_seed(int(name.split(":")[1]))
         return textured_phantom((size, size), generator=g)
@@ -93,7 +100,8 @@ def run_case(name: str, out: Path, threads: int, quick: bool = False) -> dict:
         options = {**QUICK["options"], "dip": {**DEFAULT_DIP, "iterations": 40}}
     x = image_of(image, size)
     vol = VolumeGeometry(shape=x.shape)
-    op = RayTransform(vol, FanBeam2D.default(vol, n_angles=views))
+    geometry = (ConeBeam3D if x.dim() == 3 else FanBeam2D).default(vol, n_angles=views)
+    op = RayTransform(vol, geometry)
     g = torch.Generator().manual_seed(0)
     y, std = add_gaussian_noise(op(x), rel=level, generator=g)
     t0 = time.perf_counter()
@@ -163,7 +171,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--split", choices=("tune", "test", "all"), default="all")
+    p.add_argument("--split", choices=("tune", "test", "all", "3d"), default="all")
     p.add_argument("--cases", nargs="+", help="case names (default: the split's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("runs/calibration"))
@@ -174,7 +182,9 @@ def main(argv=None) -> int:
         rows = [json.loads(f.read_text()) for f in sorted(args.table.glob("*.json"))]
         print(table(rows))
         return 0
-    names = args.cases or [n for n, c in CASES.items() if args.split in ("all", c[4])]
+    names = args.cases or [
+        n for n, c in CASES.items() if args.split == c[4] or (args.split == "all" and c[4] != "3d")
+    ]
     unknown = [n for n in names if n not in CASES]
     if unknown:
         raise SystemExit(f"unknown cases {unknown}; choose from {sorted(CASES)}")

@@ -910,6 +910,13 @@ def reconstruct_with_uncertainty(
     sel = la.selection
     variances = la.prior.variances().detach()
     lengths = la.prior.lengthscales().detach()
+    misfit_ratio = dip_info["data_misfit"] / sigma2
+    if misfit_ratio > 1.5:  # EM's σ² follows the linear model's residual, so only far above
+        advisories.append(
+            f"the DIP's data misfit is {misfit_ratio:.2f}x the learned noise variance: it does "
+            "not fit its data (more iterations, a smaller TV weight); the std map then has to "
+            "describe a biased reconstruction"
+        )
     total = sum(scales[c] * v for c, v in components.items())
     return UQResult(
         mean=image.detach().reshape(domain).to(y.dtype),
@@ -947,7 +954,7 @@ def reconstruct_with_uncertainty(
             "advisories": advisories,  # warnings about the model, not about convergence
             "noise_term": noise_info,
             "heldout_views": list(split.views),
-            "misfit_over_noise_var": dip_info["data_misfit"] / sigma2,
+            "misfit_over_noise_var": misfit_ratio,
         },
         samples=torch.cat(kept) if kept else None,
         covariance=cov,
