@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_calibration_suite_toy_run(tmp_path):
     cal = load_benchmark("calibration")
-    assert {c[4] for c in cal.CASES.values()} == {"tune", "test"}
+    assert {c[4] for c in cal.CASES.values()} == {"tune", "test", "3d"}
     assert cal.main(["--cases", "mr_small-64-40-3", "--quick", "--out", str(tmp_path)]) == 0
     row = json.loads((tmp_path / "mr_small-64-40-3.json").read_text())
     assert set(row["modes"]) == set(cal.MODES)
