@@ -1,7 +1,7 @@
 """Calibration suite: is the default std map honest on real anatomy?
 
 Every 2D case simulates a fan-beam scan of a real slice that ships offline with our
-dependencies (:mod:`dip_uq.datasets.samples`: pydicom's CT and MR test slices, matplotlib's
+dependencies (:mod:`dip_uq.io.datasets.samples`: pydicom's CT and MR test slices, matplotlib's
 MR head) or of a textured phantom (:func:`operators.phantoms.textured_phantom`), adds white
 Gaussian noise (std = level · mean|A x|) and runs the **default call**
 ``reconstruct_with_uncertainty(y, A)`` (only the generator's seed is set). It then scores the
@@ -34,8 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dip_uq import UQResult, reconstruct_with_uncertainty  # noqa: E402
-from dip_uq.datasets.samples import sample_slice  # noqa: E402
-from dip_uq.metrics import evaluate_uq  # noqa: E402
+from dip_uq.io.datasets.samples import sample_slice  # noqa: E402
+from dip_uq.uq.evaluation import evaluate_uq  # noqa: E402
 from operators import ConeBeam3D, FanBeam2D, RayTransform, VolumeGeometry  # noqa: E402
 from operators.noise import add_gaussian_noise  # noqa: E402
 from operators.phantoms import textured_phantom  # noqa: E402
@@ -94,7 +94,7 @@ def run_case(name: str, out: Path, threads: int, quick: bool = False) -> dict:
     torch.set_num_threads(threads)
     options: dict = {}
     if quick:
-        from dip_uq.pipeline import DEFAULT_DIP
+        from dip_uq.uq.pipeline import DEFAULT_DIP
 
         size, views = QUICK["size"], QUICK["views"]
         options = {**QUICK["options"], "dip": {**DEFAULT_DIP, "iterations": 40}}

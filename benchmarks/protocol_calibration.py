@@ -4,7 +4,7 @@ log-likelihood against DIP σ²=1 and DIP-MCDO, per image.
 Images: random ellipses (:func:`uq_protocol.test_images`) and scikit-learn's handwritten
 digits (8×8, the closest offline stand-in for KMNIST's characters) resized to 28×28
 (bilinear) and scaled to [0, 1]. Settings: the operator of the protocol
-(:func:`dip_uq.datasets.kmnist.kmnist_operator`: parallel beam, 41 bins), ``--angles`` and
+(:func:`dip_uq.io.datasets.kmnist.kmnist_operator`: parallel beam, 41 bins), ``--angles`` and
 ``--noise`` pairs, the DIP settings of docs/methods.md §5 for that pair (γ, iterations; Adam
 lr 1e-4; the ``small`` preset with its output sigmoid).
 
@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from uq_protocol import DIP_SETTINGS, test_images  # noqa: E402
 
 from dip_uq import reconstruct_with_uncertainty  # noqa: E402
-from dip_uq.baselines import dip_mcdo, dip_noise_baseline  # noqa: E402
-from dip_uq.datasets.kmnist import kmnist_operator  # noqa: E402
-from dip_uq.metrics import backprojected_noise_delta, discrepancy_rank, evaluate_uq  # noqa: E402
+from dip_uq.io.datasets.kmnist import kmnist_operator  # noqa: E402
+from dip_uq.uq.baselines import dip_mcdo, dip_noise_baseline  # noqa: E402
+from dip_uq.uq.evaluation import backprojected_noise_delta, discrepancy_rank, evaluate_uq  # noqa: E402
 from operators.noise import add_gaussian_noise  # noqa: E402
 
 

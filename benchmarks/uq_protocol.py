@@ -12,7 +12,7 @@ log-likelihoods, PSNR and 90 % coverage, and the DIP vs UQ wall-clock times. Wri
 Backprojected-noise correction δ = σ² Σ_{j≤k} s_j⁻² / n_vox (methods §6): the variance that
 white sinogram noise leaves in the least-squares reconstruction on the top-k singular
 directions of A, k chosen per image by the discrepancy principle at the true σ_y²
-(:func:`dip_uq.metrics.discrepancy_rank`). The same k serves every method; σ² is the
+(:func:`dip_uq.uq.evaluation.discrepancy_rank`). The same k serves every method; σ² is the
 method's own (learned for linearised DIP, 1 or learned for the σ² baselines, the true σ_y²
 for DIP-MCDO, which has no noise model). Each image also records δ under the old
 ``rcond=1e-3`` rule, the DIP's squared error and each method's mean predictive variance.
@@ -37,10 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dip_uq import reconstruct_with_uncertainty  # noqa: E402
-from dip_uq.baselines import dip_mcdo, dip_noise_baseline  # noqa: E402
-from dip_uq.datasets.kmnist import kmnist_operator, load_images  # noqa: E402
 from dip_uq.dip import fit_dip  # noqa: E402
-from dip_uq.metrics import (  # noqa: E402
+from dip_uq.io.datasets.kmnist import kmnist_operator, load_images  # noqa: E402
+from dip_uq.uq.baselines import dip_mcdo, dip_noise_baseline  # noqa: E402
+from dip_uq.uq.evaluation import (  # noqa: E402
     backprojected_noise_delta,
     discrepancy_rank,
     evaluate_uq,

@@ -1,7 +1,7 @@
 """dip-uq: CT reconstruction with the deep image prior and voxelwise uncertainty from the
 linearised Laplace approximation."""
 
-from .pipeline import reconstruct_with_uncertainty
-from .uq_result import UQResult
+from .uq.pipeline import reconstruct_with_uncertainty
+from .uq.result import UQResult
 
 __all__ = ["reconstruct_with_uncertainty", "UQResult"]

@@ -215,7 +215,7 @@ def _read_sinogram(path: Path, key: str | None):
     """Read the sinogram with ``dip_uq.io.read_array`` (errors name the file)."""
     import numpy as np
 
-    from .io import read_array
+    from .io.arrays import read_array
 
     if not path.exists():
         raise CLIError(f"{path}: sinogram file not found")
@@ -227,7 +227,7 @@ def _read_sinogram(path: Path, key: str | None):
 
 def _read_problem(args: argparse.Namespace):
     """Geometry file and sinogram of a CLI call, checked against each other."""
-    from .geometry_file import read_geometry_file
+    from .io.geometry_file import read_geometry_file
 
     volume, geometry = read_geometry_file(args.geometry)
     sino = _read_sinogram(args.sinogram, args.key)
@@ -247,7 +247,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from operators import RayTransform
 
     from .dip.trainer import fit_dip
-    from .io import write_volume
+    from .io.arrays import write_volume
 
     volume, geometry, sino = _read_problem(args)
     try:
@@ -314,7 +314,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .plotting import save_panel
 
     written.append(save_panel(out / "preview.png", {"DIP reconstruction": image}))
-    from .dip.checkpoint import atomic_write_text
+    from .io.atomic import atomic_write_text
 
     summary = {
         "sinogram": str(args.sinogram),
@@ -344,8 +344,8 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
 
     from operators import RayTransform
 
-    from .io import read_array
-    from .pipeline import DEFAULT_DIP, reconstruct_with_uncertainty
+    from .io.arrays import read_array
+    from .uq.pipeline import DEFAULT_DIP, reconstruct_with_uncertainty
 
     volume, geometry, sino = _read_problem(args)
     for name in ("n_samples", "em_cycles", "em_samples", "iterations", "noise_probes"):
@@ -480,9 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dip-uq``; returns the exit status (0 ok, 2 bad input)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .dip.checkpoint import CheckpointError
-    from .geometry_file import GeometryFileError
-    from .io import DataFormatError
+    from .errors import CheckpointError, DataFormatError, GeometryFileError
 
     try:
         return int(args.func(args) or 0)

@@ -2,7 +2,7 @@
 then the calibrated uncertainty map, checked against the ground truth.
 
 The slice is pydicom's ``CT_small.dcm`` (128 x 128, 0.66 mm pixels; see
-:func:`dip_uq.datasets.samples.sample_slice`), area-averaged to 64 x 64, in
+:func:`dip_uq.io.datasets.samples.sample_slice`), area-averaged to 64 x 64, in
 ``mu / (2 mu_water)`` units (air 0, water 0.5, dense bone about 1). A fan-beam scan with
 ``n_angles`` views over a full orbit is simulated with the torch projector (unit voxels),
 white Gaussian noise of relative level ``noise`` is added (std = noise * mean|A x|), and the
@@ -33,7 +33,7 @@ __all__ = ["load_ct_slice", "run_demo"]
 def load_ct_slice(*, size: int | None = None) -> torch.Tensor:
     """pydicom's real CT slice as a ``(H, W)`` float32 attenuation image in ``[0, ~1]``
     (``mu / (2 mu_water)``); ``size`` resamples it (area average) to ``size x size``."""
-    from .datasets.samples import sample_slice
+    from .io.datasets.samples import sample_slice
 
     return sample_slice("ct_small", size=size)
 
@@ -77,7 +77,7 @@ def _run(out_dir, quick, n_angles, noise, iterations, seed, progress, uncertaint
     from operators.analytic import fbp
     from operators.noise import add_gaussian_noise
 
-    from .dip.checkpoint import atomic_write_text
+    from .io.atomic import atomic_write_text
     from .metrics import psnr, ssim
 
     t0 = time.perf_counter()
@@ -117,7 +117,7 @@ def _run(out_dir, quick, n_angles, noise, iterations, seed, progress, uncertaint
 def _uncertainty(out: Path, op, y, x, quick: bool, iterations, g, progress: bool, results: dict):
     """The default call on the demo's scan; writes the maps, panel and metrics.json and adds
     the figures of interest to ``results``."""
-    from .pipeline import DEFAULT_DIP, reconstruct_with_uncertainty
+    from .uq.pipeline import DEFAULT_DIP, reconstruct_with_uncertainty
 
     over: dict[str, Any] = {}
     if quick:  # a smoke test of the same code path

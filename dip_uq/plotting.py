@@ -7,12 +7,13 @@ with ``origin="lower"``. 3D volumes are shown as their three central slices.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .io.atomic import atomic_write
 
 __all__ = ["central_slices", "save_panel", "save_figure_atomic"]
 
@@ -41,17 +42,7 @@ def central_slices(volume) -> list[tuple[str, np.ndarray]]:
 
 def save_figure_atomic(fig, path: str | os.PathLike, **kwargs) -> Path:
     """Save a matplotlib figure through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix, prefix=".tmp-")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, **kwargs))
 
 
 def save_panel(

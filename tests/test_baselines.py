@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dip_uq import reconstruct_with_uncertainty
-from dip_uq.baselines import dip_mcdo, dip_noise_baseline
 from dip_uq.dip import UNet, UNetConfig, fit_dip
-from dip_uq.metrics import backprojected_noise_delta, discrepancy_rank, evaluate_uq
+from dip_uq.uq.baselines import dip_mcdo, dip_noise_baseline
+from dip_uq.uq.evaluation import backprojected_noise_delta, discrepancy_rank, evaluate_uq
 from operators import MatrixOperator, Parallel2D, RayTransform, VolumeGeometry, uniform_angles
 from operators.noise import add_gaussian_noise
 from operators.phantoms import random_ellipses
@@ -91,7 +91,7 @@ def test_discrepancy_delta_is_a_correction_on_the_protocol_operator():
     """On the 20-angle protocol operator the rcond=1e-3 rule keeps singular values down to
     ~0.02 and δ swamps an image in [0, 1]; the discrepancy rank keeps δ a small fraction of
     the least-squares error of the same truncated reconstruction."""
-    from dip_uq.datasets.kmnist import kmnist_operator
+    from dip_uq.io.datasets.kmnist import kmnist_operator
 
     g = torch.Generator().manual_seed(0)
     op = kmnist_operator(20)

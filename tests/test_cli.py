@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dip_uq.cli import main
-from dip_uq.geometry_file import GeometryFileError, read_geometry_file, write_geometry_file
+from dip_uq.io.geometry_file import GeometryFileError, read_geometry_file, write_geometry_file
 from operators import (
     ConeBeam3D,
     ConeVec3D,

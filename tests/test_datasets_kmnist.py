@@ -12,8 +12,8 @@ import pytest
 import tifffile
 import torch
 
-from dip_uq.datasets.kmnist import kmnist_operator, load_images, read_idx
 from dip_uq.io import DataFormatError
+from dip_uq.io.datasets.kmnist import kmnist_operator, load_images, read_idx
 
 
 def write_idx(path, arr: np.ndarray, type_code: int = 0x08, *, gz: bool = False) -> None:

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from dip_uq.datasets.lodopab import (
+from dip_uq.io import DataFormatError
+from dip_uq.io.datasets.lodopab import (
     LODOPAB_MU_MAX,
     LoDoPaB,
     lodopab_geometry,
     lodopab_noise,
     lodopab_operator,
 )
-from dip_uq.io import DataFormatError
 
 IMG, ANG, DET = 8, 10, 13  # tiny stand-ins for 362, 1000, 513
 SHAPES = {"image_shape": (IMG, IMG), "sinogram_shape": (ANG, DET)}

@@ -10,7 +10,8 @@ import pytest
 import tifffile
 import torch
 
-from dip_uq.datasets.walnut import (
+from dip_uq.io import DataFormatError
+from dip_uq.io.datasets.walnut import (
     WALNUT_DETECTOR_SHAPE,
     MatrixOperator,
     _chord_lengths,
@@ -23,7 +24,6 @@ from dip_uq.datasets.walnut import (
     walnut_orient,
     walnut_slice_problem,
 )
-from dip_uq.io import DataFormatError
 from operators import ConeBeam3D, ConeVec3D, RayTransform, VolumeGeometry
 
 VOL = VolumeGeometry(shape=(5, 5, 5), voxel_size=0.1)  # mm, like the real 0.1 mm grid
@@ -355,7 +355,7 @@ def test_matrix_operator_batches_autograd_and_errors():
 
 
 def test_slice_matrix_cache(tmp_path, monkeypatch):
-    from dip_uq.datasets import walnut as wmod
+    from dip_uq.io.datasets import walnut as wmod
 
     root = tmp_path / "w"
     vecs = fake_vectors(ANGLES, rows=7, cols=6)

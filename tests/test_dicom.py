@@ -9,8 +9,8 @@ pydicom = pytest.importorskip("pydicom")
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
-from dip_uq.datasets.dicom import hu_to_attenuation, read_dicom_series, read_dicom_slice  # noqa: E402
 from dip_uq.io import DataFormatError, read_array, read_spacing  # noqa: E402
+from dip_uq.io.dicom import hu_to_attenuation, read_dicom_series, read_dicom_slice  # noqa: E402
 
 
 def write_slice(

@@ -10,7 +10,7 @@ import pytest
 import tifffile
 import torch
 
-from dip_uq import io
+from dip_uq.io import arrays as io
 from dip_uq.io import DataFormatError, read_array, read_origin, read_spacing, write_volume
 
 VOL = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)  # (z, y, x), all different

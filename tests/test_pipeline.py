@@ -11,7 +11,7 @@ from torch.func import functional_call, jacrev
 from dip_uq import UQResult, reconstruct_with_uncertainty
 from dip_uq.dip import UNet, UNetConfig, fit_dip
 from dip_uq.dip.checkpoint import CheckpointError
-from dip_uq.pipeline import tied_evidence_maximiser
+from dip_uq.uq.pipeline import tied_evidence_maximiser
 from operators import Parallel2D, RayTransform, VolumeGeometry, uniform_angles
 from operators.noise import add_gaussian_noise
 from operators.phantoms import random_ellipses
@@ -396,7 +396,7 @@ def protocol28():
     """28×28 random ellipses, parallel beam on [−14, 14]² with 41 bins, 20 angles, 5 % noise,
     the ``small`` U-Net (d = 76,608). DIP: 4000 Adam steps at lr 1e-3 (methods §5: 41,000 at
     1e-4; scaled down for CPU). Same problem as ``benchmarks/uq_solvers.py`` image 0."""
-    from dip_uq.datasets.kmnist import kmnist_operator
+    from dip_uq.io.datasets.kmnist import kmnist_operator
 
     g = torch.Generator().manual_seed(0)
     x = random_ellipses(28, n_ellipses=8, generator=g)
@@ -411,7 +411,7 @@ def test_protocol28_solvers_match_exact_std(protocol28):
     """cg std map (128 samples) within 10 % (median over pixels) of the dense exact posterior
     std; sgd (8 samples: ~3000 steps of a batched JVP + VJP, ~1 s each on a CPU) within 10 % of
     the exact samples drawn from the same noise, i.e. its own solver error."""
-    from dip_uq.pipeline import exact_image_covariance
+    from dip_uq.uq.pipeline import exact_image_covariance
 
     p = protocol28
     kw = dict(

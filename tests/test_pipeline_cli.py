@@ -13,7 +13,7 @@ from dip_uq import UQResult
 from dip_uq.cli import main
 from dip_uq.dip import UNet, UNetConfig
 from dip_uq.dip.pretrain import save_pretrained
-from dip_uq.geometry_file import write_geometry_file
+from dip_uq.io.geometry_file import write_geometry_file
 from operators import Parallel2D, RayTransform, VolumeGeometry, uniform_angles
 from operators.noise import add_gaussian_noise
 from operators.phantoms import random_ellipses

@@ -2,6 +2,7 @@
 determinism, MC dropout, pretraining, stopping rule and bad input."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,12 +192,12 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     real_save = torch.save
     calls = {"n": 0}
 
-    def flaky_save(obj, fh, *a, **k):
+    def flaky_save(obj, f, *a, **k):
         calls["n"] += 1
         if calls["n"] == 2:  # die half way through the second checkpoint
-            fh.write(b"partial garbage")
+            Path(f).write_bytes(b"partial garbage")
             raise KeyboardInterrupt
-        return real_save(obj, fh, *a, **k)
+        return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(ckpt_mod.torch, "save", flaky_save)
     with pytest.raises(KeyboardInterrupt):

@@ -5,7 +5,7 @@ from github.com/rois-codh/kmnist. Standard library only.
     python data/scripts/fetch_kmnist.py --out ~/data/kmnist
 
 leaves ``t10k-images-idx3-ubyte.gz`` and ``kmnist-test-imgs.npz``, which
-``dip_uq.datasets.load_images`` reads. This script is a recipe for users with internet
+``dip_uq.io.datasets.load_images`` reads. This script is a recipe for users with internet
 access; dip-uq never runs it.
 """
 

@@ -5,7 +5,7 @@ Zenodo record 3384092. Standard library only.
     python data/scripts/fetch_lodopab.py --part test --out ~/data/lodopab
 
 leaves ``ground_truth_test_000.hdf5 ...`` and ``observation_test_000.hdf5 ...`` in one
-folder, the layout ``dip_uq.datasets.LoDoPaB`` reads. The training part is large (tens of
+folder, the layout ``dip_uq.io.datasets.LoDoPaB`` reads. The training part is large (tens of
 GB). This script is a recipe for users with internet access; dip-uq never runs it.
 """
 

@@ -5,7 +5,7 @@ Sci. Data 6:215, 2019; CC-BY 4.0) from Zenodo. Standard library only.
     python data/scripts/fetch_walnut.py --walnut 1 --out ~/data
 
 leaves ``~/data/Walnut1/Projections/...`` and ``~/data/Walnut1/Reconstructions/...``, the
-layout ``dip_uq.datasets.load_walnut_projections`` reads. About 5 GB per walnut. This script
+layout ``dip_uq.io.datasets.load_walnut_projections`` reads. About 5 GB per walnut. This script
 is a recipe for users with internet access; dip-uq never runs it.
 """
 

@@ -9,10 +9,11 @@ statistics across shards, e.g. after ``torch.distributed`` all-gather).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..io.atomic import atomic_torch_save
 
 __all__ = ["Welford", "SampleBank"]
 
@@ -115,15 +116,7 @@ class SampleBank:
         path = Path(path) if path is not None else self.path
         if path is None:
             raise ValueError("sample bank: no path given")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"d": self.d, "samples": self.samples(), "meta": self.meta}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_torch_save({"d": self.d, "samples": self.samples(), "meta": self.meta}, path)
         return path
 
     @classmethod

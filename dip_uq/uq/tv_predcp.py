@@ -23,7 +23,7 @@ def tv_predcp_penalty(la, J: torch.Tensor, lam: float, xi: torch.Tensor) -> torc
 
     ``J`` is the dense Jacobian ``(n_vox, d)``, ``xi`` fixed draws ``(K, d)``; differentiable
     in the prior hyperparameters (needs ``prior.log_lengthscale.requires_grad``)."""
-    from .dip.tv import tv
+    from ..dip.tv import tv
 
     prior, sel = la.prior, la.selection
     with torch.no_grad():

@@ -35,14 +35,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .laplace import Gaussian, LinearisedLaplace, Welford
-from .laplace.solvers import (
+from ..laplace import Gaussian, LinearisedLaplace, Welford
+from ..laplace.solvers import (
     dense_factors,
     functional_covariance,
     with_prebuilt_preconditioner,
 )
-from .laplace.solvers.sgd import auto_momentum
-from .uq_result import UQResult
+from ..laplace.solvers.sgd import auto_momentum
+from .result import UQResult
 
 __all__ = [
     "reconstruct_with_uncertainty",
@@ -238,7 +238,7 @@ def _resolve_dip(
 ):
     """Returns (net, z0, image, dip_info). ``heldout``: (operator, y) of the held-out views,
     for ``"stopping": "heldout"``."""
-    from .dip import DIPResult, HeldOutStopping, fit_dip, initial_input
+    from ..dip import DIPResult, HeldOutStopping, fit_dip, initial_input
 
     if isinstance(dip, DIPResult):
         return dip.net, dip.input, dip.image, {"source": "DIPResult"}
@@ -434,7 +434,7 @@ def _check_resumed_settings(path: Path, saved: dict | None, now: dict) -> None:
         return
     diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if diff:
-        from .dip.checkpoint import CheckpointError
+        from ..errors import CheckpointError
 
         shown = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(
@@ -570,9 +570,9 @@ def reconstruct_with_uncertainty(
     Returns:
         :class:`UQResult` with ``mean`` = x* and ``std`` = sqrt(diag J H⁻¹ Jᵀ) (Monte Carlo).
     """
-    from .dip.checkpoint import atomic_save, load_checkpoint
-    from .uq.calibration import CALIBRATION_MODES, calibrate_on_heldout, split_heldout
-    from .uq.noise_term import image_noise_term
+    from ..dip.checkpoint import atomic_save, load_checkpoint
+    from .calibration import CALIBRATION_MODES, calibrate_on_heldout, split_heldout
+    from .noise_term import image_noise_term
 
     if hyper not in HYPER_MODES:
         raise ValueError(f"unknown hyper mode {hyper!r}; use one of {HYPER_MODES}")
@@ -965,8 +965,8 @@ def reconstruct_with_uncertainty(
 def _noise_stage(ckpt, resume, op, y, sigma2, probes, batch, held_op, generator, settings, fn):
     """The image-space noise term, checkpointed as ``noise_term.pt`` (keyed on the sample
     stage's settings, the probe count and σ²)."""
-    from .dip.checkpoint import atomic_save, load_checkpoint
-    from .uq.noise_term import NoiseTerm
+    from ..dip.checkpoint import atomic_save, load_checkpoint
+    from .noise_term import NoiseTerm
 
     path = ckpt / "noise_term.pt" if ckpt is not None else None
     settings = {**settings, "noise_var": float(sigma2)}

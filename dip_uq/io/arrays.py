@@ -20,35 +20,24 @@ origin are given in that order too (``spacing_zyx``, world position of the centr
 ``[0, 0, 0]``). NIfTI stores ``(i, j, k) = (x, y, z)``, so arrays are transposed on the way
 in and out; every other format stores our array order unchanged.
 
-Every writer is atomic: it writes a temporary file in the target directory and moves it into
-place with ``os.replace``, so a crash never leaves a half-written file under the final name.
+Every writer is atomic (:mod:`dip_uq.io.atomic`): a crash never leaves a half-written file
+under the final name.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "DataFormatError",
-    "read_array",
-    "read_spacing",
-    "read_origin",
-    "write_volume",
-    "read_tiff",
-    "read_dicom_series",
-    "hu_to_attenuation",
-]
+from ..errors import DataFormatError
+from .atomic import atomic_write
+from .dicom import read_dicom_series, read_dicom_slice
 
-
-class DataFormatError(ValueError):
-    """A data file is missing, unreadable or not in the expected layout; the message names
-    the file and the problem."""
+__all__ = ["read_array", "read_spacing", "read_origin", "write_volume", "read_tiff"]
 
 
 def _suffix(path: Path) -> str:
@@ -174,8 +163,6 @@ def read_array(path: str | os.PathLike, *, key: str | None = None) -> np.ndarray
         img = nib.load(str(path))
         return np.asarray(img.dataobj).T.copy()
     if suffix == ".dcm":
-        from .datasets.dicom import read_dicom_slice
-
         return read_dicom_slice(path)[0]
     raise DataFormatError(
         f"{path}: unknown suffix {suffix!r}; expected .npy, .npz, .tif, .tiff, .h5, .hdf5, "
@@ -216,8 +203,6 @@ def read_spacing(path: str | os.PathLike, *, key: str | None = None) -> tuple[fl
         zooms = np.linalg.norm(img.affine[:3, :ndim], axis=0)
         return tuple(_f32(z) for z in zooms[::-1])
     if suffix == ".dcm":
-        from .datasets.dicom import read_dicom_slice
-
         return tuple(read_dicom_slice(path)[1])
     raise DataFormatError(f"{path}: unknown suffix {suffix!r}")
 
@@ -252,26 +237,6 @@ def _tiff_spacing(path: Path) -> tuple[float, ...] | None:
 # --------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a temporary file next to ``path``, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = _suffix(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        write(tmp_path)
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _as_numpy(array: Any) -> np.ndarray:
@@ -390,7 +355,7 @@ def write_volume(
             f"{path}: cannot write suffix {suffix!r}; use .npy, .npz, .tif, .tiff, .h5, .hdf5, "
             ".nii or .nii.gz"
         )
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def read_origin(path: str | os.PathLike) -> tuple[float, ...] | None:
@@ -419,17 +384,3 @@ def read_origin(path: str | os.PathLike) -> tuple[float, ...] | None:
         img = _nibabel().load(str(path))
         return tuple(_f32(v) for v in img.affine[: len(img.shape), 3][::-1])
     return None
-
-
-def read_dicom_series(folder: str | os.PathLike, **kwargs: Any):
-    """See ``dip_uq.datasets.dicom.read_dicom_series`` (re-exported here)."""
-    from .datasets.dicom import read_dicom_series as _read
-
-    return _read(folder, **kwargs)
-
-
-def hu_to_attenuation(hu: Any, *, mu_water: float = 0.0192, mu_air: float = 0.0, clip: bool = True):
-    """See ``dip_uq.datasets.dicom.hu_to_attenuation`` (re-exported here)."""
-    from .datasets.dicom import hu_to_attenuation as _conv
-
-    return _conv(hu, mu_water=mu_water, mu_air=mu_air, clip=clip)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import DataFormatError
+from ..errors import DataFormatError
 
 __all__ = ["read_dicom_slice", "read_dicom_series", "hu_to_attenuation"]
 

@@ -1,7 +1,7 @@
-"""Loaders for public CT data sets and user scans. They read local files only: nothing here
-downloads anything (see ``data/scripts/`` for download recipes)."""
+"""Loaders for public CT data sets (Walnut, LoDoPaB, KMNIST) and for the real slices that ship
+with our dependencies (:mod:`.samples`). They read local files only: nothing here downloads
+anything (see ``data/scripts/`` for download recipes)."""
 
-from .dicom import hu_to_attenuation, read_dicom_series, read_dicom_slice
 from .kmnist import kmnist_operator, load_images, read_idx
 from .lodopab import (
     LODOPAB_MU_MAX,
@@ -37,9 +37,6 @@ __all__ = [
     "lodopab_geometry",
     "lodopab_noise",
     "lodopab_operator",
-    "hu_to_attenuation",
-    "read_dicom_series",
-    "read_dicom_slice",
     "WALNUT_DETECTOR_SHAPE",
     "WALNUT_VOLUME",
     "MatrixOperator",

@@ -26,7 +26,7 @@ import torch
 
 from operators import Parallel2D, RayTransform, VolumeGeometry
 
-from ..io import DataFormatError
+from ...errors import DataFormatError
 
 __all__ = [
     "LODOPAB_MU_MAX",

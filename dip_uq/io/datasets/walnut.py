@@ -40,7 +40,9 @@ import torch
 from operators import ConeVec3D, RayTransform, VolumeGeometry
 from operators.linear import MatrixOperator
 
-from ..io import DataFormatError, _atomic, read_tiff
+from ...errors import DataFormatError
+from ..arrays import read_tiff
+from ..atomic import atomic_write
 
 __all__ = [
     "WALNUT_DETECTOR_SHAPE",
@@ -508,7 +510,7 @@ def _save_cached_matrix(path: Path, key: str, mat: torch.Tensor) -> None:
                 shape=np.asarray(mat.shape),
             )
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def walnut_slice_problem(

@@ -95,7 +95,7 @@ class UQResult:
         """The same result with its variance scales refitted on the held-out views under
         another calibration ``mode`` (``"weights"``, ``"per-component"``, ``"scalar"``,
         ``"none"``; ``docs/methods.md`` §6.3). Needs a result computed with held-out views."""
-        from .uq.calibration import calibrate_on_heldout
+        from .calibration import calibrate_on_heldout
 
         if not self.heldout:
             raise ValueError(
@@ -150,7 +150,7 @@ class UQResult:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``result.npz`` and ``result.json`` into ``directory`` (atomically)."""
-        from .dip.checkpoint import atomic_write_bytes, atomic_write_text
+        from ..io.atomic import atomic_write_bytes, atomic_write_text
 
         d = Path(directory).expanduser()
         d.mkdir(parents=True, exist_ok=True)
@@ -194,12 +194,12 @@ class UQResult:
         maps (each component's part of ``std``, for components in the total) and
         ``metrics.json``: always :meth:`summary` (components, scales, the held-out
         views' scores, the DIP's misfit), and with a ground truth also
-        :func:`dip_uq.metrics.evaluate_uq` (with ``delta``) of the predictive, of the
+        :func:`dip_uq.uq.evaluation.evaluate_uq` (with ``delta``) of the predictive, of the
         uncalibrated predictive (``"uncalibrated"``) and of each component alone. All atomic.
         Returns ``{"files": [...], "metrics": dict}``."""
-        from .dip.checkpoint import atomic_write_text
-        from .io import write_volume
-        from .plotting import save_panel
+        from ..io.arrays import write_volume
+        from ..io.atomic import atomic_write_text
+        from ..plotting import save_panel
 
         d = Path(directory).expanduser()
         d.mkdir(parents=True, exist_ok=True)
@@ -227,7 +227,7 @@ class UQResult:
         calib = None
         metrics = self.summary()
         if ground_truth is not None:
-            from .metrics import evaluate_uq
+            from .evaluation import evaluate_uq
 
             gt = torch.as_tensor(ground_truth).detach().cpu()
             metrics.update(evaluate_uq(self, gt, delta=delta))

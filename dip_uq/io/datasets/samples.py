@@ -44,7 +44,7 @@ def _raw(source: str, name: str) -> np.ndarray:
     if source == "pydicom":
         from pydicom.data import get_testdata_file
 
-        from .dicom import read_dicom_slice
+        from ..dicom import read_dicom_slice
 
         path = get_testdata_file(name)
         if path is None:

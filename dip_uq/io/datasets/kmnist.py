@@ -19,7 +19,8 @@ import torch
 
 from operators import Parallel2D, RayTransform, VolumeGeometry, uniform_angles
 
-from ..io import DataFormatError, read_tiff
+from ...errors import DataFormatError
+from ..arrays import read_tiff
 
 __all__ = ["read_idx", "load_images", "kmnist_operator", "IMAGE_SUFFIXES"]
 

@@ -44,13 +44,11 @@ from operators import (
 )
 from operators.errors import GeometryError
 
+from ..errors import GeometryFileError
+
 __all__ = ["GeometryFileError", "read_geometry_file", "parse_geometry", "write_geometry_file"]
 
 _TYPES = ("parallel2d", "fanbeam2d", "parallel3d", "conebeam3d", "parallel3d_vec", "cone3d_vec")
-
-
-class GeometryFileError(ValueError):
-    """A geometry file is unreadable, incomplete or inconsistent; the message says where."""
 
 
 def read_geometry_file(path: str | os.PathLike) -> tuple[VolumeGeometry, ProjectionGeometry]:
@@ -256,7 +254,7 @@ def write_geometry_file(
     path: str | os.PathLike, volume: VolumeGeometry, geometry: ProjectionGeometry
 ) -> Path:
     """Write the geometries as ``.json`` or ``.toml`` (atomically); reads back equal."""
-    from .dip.checkpoint import atomic_write_text
+    from .atomic import atomic_write_text
 
     path = Path(path).expanduser()
     d = geometry_to_dict(volume, geometry)

@@ -2,7 +2,7 @@
 
 - :func:`dip_noise_baseline`: a point DIP reconstruction with the predictive N(x*, δI),
   δ = σ² mean diag((AᵀA)⁺_k) on the top-k singular directions (see
-  :func:`~dip_uq.metrics.backprojected_noise_delta`), for σ² = 1 or the learned noise variance.
+  :func:`~dip_uq.uq.evaluation.backprojected_noise_delta`), for σ² = 1 or the learned noise variance.
 - :func:`dip_mcdo`: DIP-MCDO, a U-Net with dropout p after every 3×3 conv block, trained as a
   DIP; predictive mean and std from Monte-Carlo dropout passes.
 """
@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .metrics import backprojected_noise_delta
-from .uq_result import UQResult
+from .evaluation import backprojected_noise_delta
+from .result import UQResult
 
 __all__ = ["dip_noise_baseline", "dip_mcdo"]
 
@@ -31,7 +31,7 @@ def dip_noise_baseline(
 ) -> UQResult:
     """Predictive N(mean, δI) with δ = ``noise_var`` · mean diag((AᵀA)⁺_k) (unless ``delta``),
     the truncation given by ``rank`` or ``rcond`` (use the same one as for the methods you
-    compare with, e.g. :func:`~dip_uq.metrics.discrepancy_rank` at the true noise level).
+    compare with, e.g. :func:`~dip_uq.uq.evaluation.discrepancy_rank` at the true noise level).
 
     ``mean`` is the DIP image (volume shape). The dense covariance δI is stored for images up
     to 4096 voxels so that exact test log-likelihoods treat every method alike.
@@ -74,7 +74,7 @@ def dip_mcdo(
     """DIP-MCDO: fit a dropout U-Net (``dropout`` after every 3×3 conv) as a DIP, then
     ``n_samples`` MC-dropout passes; mean = MC mean, std = MC std, samples centred at the mean.
     ``net_overrides`` replace preset fields (e.g. ``{"channels": (16, 16, 16)}``)."""
-    from .dip import UNet, fit_dip, mc_dropout_samples
+    from ..dip import UNet, fit_dip, mc_dropout_samples
 
     if not 0 < dropout < 1:
         raise ValueError(f"dropout must be in (0, 1), got {dropout}")
