@@ -94,10 +94,8 @@ def run_case(name: str, out: Path, threads: int, quick: bool = False) -> dict:
     torch.set_num_threads(threads)
     options: dict = {}
     if quick:
-        from dip_uq.uq.pipeline import DEFAULT_DIP
-
         size, views = QUICK["size"], QUICK["views"]
-        options = {**QUICK["options"], "dip": {**DEFAULT_DIP, "iterations": 40}}
+        options = {**QUICK["options"], "dip": {"iterations": 40}}
     x = image_of(image, size)
     vol = VolumeGeometry(shape=x.shape)
     geometry = (ConeBeam3D if x.dim() == 3 else FanBeam2D).default(vol, n_angles=views)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dip_uq import reconstruct_with_uncertainty  # noqa: E402
 from dip_uq.dip import DIPResult, UNet, fit_dip  # noqa: E402
 from dip_uq.io.datasets.kmnist import kmnist_operator  # noqa: E402
-from dip_uq.uq.pipeline import exact_image_covariance, tied_evidence_maximiser  # noqa: E402
+from dip_uq.uq.linearised import exact_image_covariance, tied_evidence_maximiser  # noqa: E402
 from operators.noise import add_gaussian_noise  # noqa: E402
 from operators.phantoms import random_ellipses  # noqa: E402
 

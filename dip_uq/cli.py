@@ -80,59 +80,54 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_uncertainty(sub: argparse._SubParsersAction) -> None:
+    from .uq.calibration import CALIBRATION_MODES
+    from .uq.config import HYPER_MODES, PRIORS, SOLVERS, UQConfig
+
+    d = UQConfig()  # the one table of defaults (shown in the help, applied by the API)
     p = sub.add_parser(
         "uncertainty",
-        help="DIP reconstruction with a voxelwise uncertainty (std) map",
-        description="Linearised deep image prior: DIP fit, linearisation, hyperparameters, "
-        "posterior samples, std map.",
+        help="DIP reconstruction with a calibrated voxelwise uncertainty (std) map",
+        description="Linearised deep image prior: held-out views, DIP fit, linearisation, "
+        "hyperparameters, posterior samples, noise term, std map calibrated on the held-out "
+        "views. Options left out take the API's defaults (dip_uq.uq.config.UQConfig).",
     )
     p.add_argument("sinogram", type=Path, help=".npy, .npz, .tif/.tiff or .h5/.hdf5 file")
     p.add_argument("--geometry", "-g", type=Path, required=True, help="JSON/TOML geometry file")
     p.add_argument("--out", "-o", type=Path, required=True, help="output directory")
     p.add_argument("--key", help="array name inside .npz / dataset path inside HDF5")
+    p.add_argument("--iterations", type=int, help=f"DIP iteration budget ({d.dip.iterations})")
     p.add_argument(
-        "--iterations", type=int, default=None, help="DIP iteration budget (the API's: 5000)"
+        "--tv-weight", type=float, help="TV weight gamma (1e-4 * 784 / n_voxels by default)"
     )
-    p.add_argument(
-        "--tv-weight",
-        type=float,
-        default=None,
-        help="TV weight gamma (default: 1e-4 * 784 / n_voxels, the methods' 28x28 value scaled)",
-    )
-    p.add_argument("--lr", type=float, default=None, help="DIP Adam learning rate (1e-3)")
+    p.add_argument("--lr", type=float, help=f"DIP Adam learning rate ({d.dip.lr:g})")
     p.add_argument(
         "--net",
-        default=None,
         help="U-Net preset (small, large) or a .pt file (default: 3 scales x 16 channels, "
         "linear output)",
     )
     p.add_argument(
-        "--linear-output",
-        action="store_true",
-        help="with --net PRESET: the preset without its output sigmoid",
+        "--linear-output", action="store_true", help="with --net PRESET: drop its sigmoid"
     )
-    p.add_argument("--init", default="fbp", choices=("fbp", "backprojection", "noise"))
+    p.add_argument("--init", choices=("fbp", "backprojection", "noise"), help="DIP input (fbp)")
     p.add_argument(
         "--holdout",
         type=float,
-        default=0.1,
-        help="fraction of the views held out for calibration and DIP stopping (0.1; 0: none, "
-        "the std map is then not calibrated against measurements)",
+        help=f"fraction of the views held out for calibration and DIP stopping ({d.holdout}; "
+        "0: none, the std map is then not calibrated against measurements)",
     )
-    p.add_argument("--holdout-seed", type=int, default=0)
+    p.add_argument("--holdout-seed", type=int, help=f"seed of the held-out views ({d.holdout_seed})")
     p.add_argument(
         "--calibration",
-        default="weights",
-        choices=("weights", "weights+noise", "per-component", "scalar", "none"),
-        help="which variance scales the held-out views fit (docs/methods.md §6.3)",
+        choices=CALIBRATION_MODES,
+        help=f"which variance scales the held-out views fit ({d.calibration}; docs/methods.md §6.3)",
     )
-    p.add_argument("--noise-probes", type=int, default=64, help="noise-term probes (64)")
-    p.add_argument("--prior", default="matern", choices=("matern", "normal", "g-prior"))
-    p.add_argument("--hyper", default="em", choices=("em", "mll", "fixed"))
-    p.add_argument("--solver", default="cg", choices=("cg", "sgd", "sdd", "exact"))
-    p.add_argument("--n-samples", type=int, default=64, help="posterior samples (64)")
-    p.add_argument("--em-cycles", type=int, default=4)
-    p.add_argument("--em-samples", type=int, default=8)
+    p.add_argument("--noise-probes", type=int, help=f"noise-term probes ({d.noise_probes})")
+    p.add_argument("--prior", choices=PRIORS, help=f"prior ({d.prior})")
+    p.add_argument("--hyper", choices=HYPER_MODES, help=f"hyperparameters ({d.hyper})")
+    p.add_argument("--solver", choices=SOLVERS, help=f"posterior sampler ({d.solver})")
+    p.add_argument("--n-samples", type=int, help=f"posterior samples ({d.n_samples})")
+    p.add_argument("--em-cycles", type=int, help=f"EM cycles ({d.em_cycles})")
+    p.add_argument("--em-samples", type=int, help=f"EM samples per cycle ({d.em_samples})")
     tying = p.add_mutually_exclusive_group()
     tying.add_argument(
         "--per-block",
@@ -150,9 +145,8 @@ def _add_uncertainty(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--precision",
-        default="float64",
         choices=("float32", "float64"),
-        help="dtype of the linearised stage (float64: CT kernels GΣGᵀ are too badly "
+        help=f"dtype of the linearised stage ({d.dtype}: CT kernels GΣGᵀ are too badly "
         "conditioned for float32 CG; the DIP fit stays float32)",
     )
     p.add_argument("--ground-truth", type=Path, help="optional image file: adds metrics.json")
@@ -160,6 +154,31 @@ def _add_uncertainty(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=_cmd_uncertainty)
+
+
+#: command-line options of ``uncertainty`` that are UQConfig fields (same name)
+_UQ_OPTIONS = (
+    "holdout", "holdout_seed", "calibration", "noise_probes", "prior", "hyper", "solver",
+    "n_samples", "em_cycles", "em_samples", "tied",
+)  # fmt: skip
+
+
+#: UQConfig names as the command line spells them, for error messages
+_FLAGS = {
+    "dip.iterations": "--iterations",
+    "dip.lr": "--lr",
+    "dip.tv_weight": "--tv-weight",
+    **{name: "--" + name.replace("_", "-") for name in _UQ_OPTIONS},
+}
+
+
+def _option_message(msg: str) -> str:
+    """A configuration error in command-line words (``n_samples`` -> ``--n-samples``)."""
+    import re
+
+    names = sorted(_FLAGS, key=len, reverse=True)
+    return re.sub(r"(?<![\w.-])(" + "|".join(map(re.escape, names)) + r")\b",
+                  lambda m: _FLAGS[m.group(1)], msg)  # fmt: skip
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -345,15 +364,23 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
     from operators import RayTransform
 
     from .io.arrays import read_array
-    from .uq.pipeline import DEFAULT_DIP, reconstruct_with_uncertainty
+    from .uq.config import UQConfig
+    from .uq.pipeline import reconstruct_with_uncertainty
 
     volume, geometry, sino = _read_problem(args)
-    for name in ("n_samples", "em_cycles", "em_samples", "iterations", "noise_probes"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not 0 <= args.holdout < 1:
-        raise CLIError(f"--holdout must be in [0, 1), got {args.holdout}")
+    overrides = {k: getattr(args, k) for k in _UQ_OPTIONS if getattr(args, k) is not None}
+    if args.precision is not None:
+        overrides["dtype"] = args.precision
+    dip: dict = {k: getattr(args, k) for k in ("tv_weight", "iterations", "lr", "init")}
+    dip = {k: v for k, v in dip.items() if v is not None}
+    if args.net is not None:
+        dip["net"] = _net_choice(args, ndim=len(volume.shape))
+    elif args.linear_output:
+        raise CLIError("--linear-output changes a preset: give --net small or --net large")
+    try:  # every option checked before the data are touched
+        cfg = UQConfig().replace(**overrides, dip=dip)
+    except (ValueError, TypeError) as err:
+        raise CLIError(_option_message(str(err))) from err
     gt = None
     if args.ground_truth is not None:
         if not args.ground_truth.exists():
@@ -364,33 +391,13 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
                 f"{args.ground_truth}: ground truth shape {tuple(gt.shape)} does not match the "
                 f"volume {tuple(volume.shape)}"
             )
-    dip = dict(DEFAULT_DIP, init=args.init)  # the API's defaults, overridden where given
-    if args.net is not None:
-        dip["net"] = _net_choice(args, ndim=len(volume.shape))
-    elif args.linear_output:
-        raise CLIError("--linear-output changes a preset: give --net small or --net large")
-    for key in ("tv_weight", "iterations", "lr"):
-        if getattr(args, key) is not None:
-            dip[key] = getattr(args, key)
     y = torch.as_tensor(np.ascontiguousarray(sino), dtype=torch.float32)
     op = RayTransform(volume, geometry)
     out: Path = args.out.expanduser()
     res = reconstruct_with_uncertainty(
         y,
         op,
-        dip=dip,
-        holdout=args.holdout,
-        holdout_seed=args.holdout_seed,
-        calibration=args.calibration,
-        noise_probes=args.noise_probes,
-        prior=args.prior,
-        hyper=args.hyper,
-        solver=args.solver,
-        n_samples=args.n_samples,
-        em_cycles=args.em_cycles,
-        em_samples=args.em_samples,
-        tied=args.tied,
-        dtype=getattr(torch, args.precision),
+        cfg,
         checkpoint_dir=out / "checkpoints",
         resume=args.resume,
         generator=torch.Generator().manual_seed(args.seed),

@@ -117,14 +117,14 @@ def _run(out_dir, quick, n_angles, noise, iterations, seed, progress, uncertaint
 def _uncertainty(out: Path, op, y, x, quick: bool, iterations, g, progress: bool, results: dict):
     """The default call on the demo's scan; writes the maps, panel and metrics.json and adds
     the figures of interest to ``results``."""
-    from .uq.pipeline import DEFAULT_DIP, reconstruct_with_uncertainty
+    from .uq.pipeline import reconstruct_with_uncertainty
 
     over: dict[str, Any] = {}
     if quick:  # a smoke test of the same code path
         over = dict(em_cycles=1, em_samples=4, n_samples=4, noise_probes=4)
-        over["dip"] = {**DEFAULT_DIP, "iterations": iterations or 60}
+        over["dip"] = {"iterations": iterations or 60}
     elif iterations is not None:
-        over["dip"] = {**DEFAULT_DIP, "iterations": int(iterations)}
+        over["dip"] = {"iterations": int(iterations)}
     t0 = time.perf_counter()
     uq = reconstruct_with_uncertainty(y, op, generator=g, progress=progress, **over)
     total = time.perf_counter() - t0

@@ -10,8 +10,8 @@ import pytest
 import tifffile
 import torch
 
-from dip_uq.io import arrays as io
 from dip_uq.io import DataFormatError, read_array, read_origin, read_spacing, write_volume
+from dip_uq.io import arrays as io
 
 VOL = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)  # (z, y, x), all different
 SPACING, ORIGIN = (2.0, 0.5, 0.25), (-1.0, 3.0, 7.5)

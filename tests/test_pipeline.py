@@ -11,7 +11,7 @@ from torch.func import functional_call, jacrev
 from dip_uq import UQResult, reconstruct_with_uncertainty
 from dip_uq.dip import UNet, UNetConfig, fit_dip
 from dip_uq.dip.checkpoint import CheckpointError
-from dip_uq.uq.pipeline import tied_evidence_maximiser
+from dip_uq.uq.linearised import tied_evidence_maximiser
 from operators import Parallel2D, RayTransform, VolumeGeometry, uniform_angles
 from operators.noise import add_gaussian_noise
 from operators.phantoms import random_ellipses
@@ -202,7 +202,7 @@ def test_errors_are_named(problem):
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         reconstruct_with_uncertainty(bad, op, dip=problem["dip"], progress=False)
-    with pytest.raises(ValueError, match="hyper mode"):
+    with pytest.raises(ValueError, match="unknown hyper 'bogus'"):
         reconstruct_with_uncertainty(y, op, dip=problem["dip"], hyper="bogus", progress=False)
     with pytest.raises(ValueError, match="network output shape"):
         wrong = torch.zeros(1, 1, 8, 8, dtype=torch.float64)
@@ -269,17 +269,17 @@ def test_resume_from_stage_checkpoints(problem, tmp_path):
 
 def _interrupt_after_cycle(monkeypatch, n):
     """Make the pipeline's checkpoint writer raise right after EM's n-th cycle was saved."""
-    import dip_uq.dip.checkpoint as ck
+    import dip_uq.uq.store as store
 
-    real = ck.atomic_save
+    real = store.atomic_save
 
     def save(obj, path):
         out = real(obj, path)
-        if str(path).endswith("em_cycle.pt") and obj["em"]["cycle"] == n:
+        if str(path).endswith("em_cycle.pt") and obj["payload"]["em"]["cycle"] == n:
             raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(ck, "atomic_save", save)
+    monkeypatch.setattr(store, "atomic_save", save)
 
 
 @pytest.mark.parametrize("solver", ["cg", "exact"])
@@ -411,7 +411,7 @@ def test_protocol28_solvers_match_exact_std(protocol28):
     """cg std map (128 samples) within 10 % (median over pixels) of the dense exact posterior
     std; sgd (8 samples: ~3000 steps of a batched JVP + VJP, ~1 s each on a CPU) within 10 % of
     the exact samples drawn from the same noise, i.e. its own solver error."""
-    from dip_uq.uq.pipeline import exact_image_covariance
+    from dip_uq.uq.linearised import exact_image_covariance
 
     p = protocol28
     kw = dict(
