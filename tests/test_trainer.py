@@ -212,6 +212,11 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         )
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["iteration"] == 5
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temp left behind
+    # a process killed outright (SIGTERM) cannot clean up: the next run removes its leftover
+    (tmp_path / f".{CHECKPOINT_NAME}.1a2b3c4d.tmp.pt").write_bytes(b"partial")
+    fit_dip(op, y, net=_tiny_net(), generator=_gen(), checkpoint_dir=tmp_path,
+            checkpoint_every=5, resume=True, **kw)  # fmt: skip
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
 
 
 def test_resume_refuses_a_different_problem(tmp_path):

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..io.atomic import remove_stale_temporaries
 from .checkpoint import CheckpointError, atomic_save, clone_state, load_checkpoint
 from .tv import tv
 from .unet import UNetConfig, build_unet
@@ -388,6 +389,8 @@ def fit_dip(
     d_y = y.numel()
     selecting = bool(getattr(stopping, "selects", False))
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if ckpt_path is not None:
+        remove_stale_temporaries(ckpt_path)  # a write killed mid-way (SIGTERM) left one
 
     start = 0
     losses = torch.empty(iterations, dtype=torch.float64)
