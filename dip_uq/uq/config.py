@@ -44,7 +44,9 @@ class DIPConfig:
         lr: Adam's learning rate.
         stopping: ``"heldout"`` (stop and select on the held-out views when there are any)
             or ``None`` (the lowest training loss over the whole budget).
-        patience: held-out stopping: iterations without improvement before stopping.
+        patience: held-out stopping: iterations without improvement before stopping;
+            ``None`` is a fifth of the budget (at least 200), so a slow learning rate or a
+            long budget is not cut short by an early plateau.
         init: the network input, ``"fbp"``, ``"backprojection"`` or ``"noise"``.
     """
 
@@ -59,7 +61,7 @@ class DIPConfig:
     iterations: int = 5000
     lr: float = 1e-3
     stopping: str | None = "heldout"
-    patience: int = 1000
+    patience: int | None = None
     init: str = "fbp"
 
     def __post_init__(self) -> None:
@@ -69,13 +71,18 @@ class DIPConfig:
 
     def validate(self) -> DIPConfig:
         _positive_int("dip.iterations", self.iterations)
-        _positive_int("dip.patience", self.patience)
+        if self.patience is not None:
+            _positive_int("dip.patience", self.patience)
         _positive("dip.lr", self.lr)
         if self.tv_weight is not None:
             _nonnegative("dip.tv_weight", self.tv_weight)
         _choice("dip.stopping", self.stopping, ("heldout", None))
         _choice("dip.init", self.init, ("fbp", "backprojection", "noise"))
         return self
+
+    @property
+    def resolved_patience(self) -> int:
+        return max(200, self.iterations // 5) if self.patience is None else int(self.patience)
 
     def tv_for(self, n_voxels: int) -> float:
         """γ for a volume of ``n_voxels`` (the default scales the 28×28 value)."""

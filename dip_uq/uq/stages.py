@@ -159,7 +159,7 @@ def dip_stage(
         stopping = None
         if cfg.dip.stopping == "heldout" and split.heldout_operator is not None:
             stopping = HeldOutStopping(
-                split.heldout_operator, split.heldout_y, patience=cfg.dip.patience
+                split.heldout_operator, split.heldout_y, patience=cfg.dip.resolved_patience
             )
         kw = {}
         if store.directory is not None:
