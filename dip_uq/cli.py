@@ -115,7 +115,9 @@ def _add_uncertainty(sub: argparse._SubParsersAction) -> None:
         help=f"fraction of the views held out for calibration and DIP stopping ({d.holdout}; "
         "0: none, the std map is then not calibrated against measurements)",
     )
-    p.add_argument("--holdout-seed", type=int, help=f"seed of the held-out views ({d.holdout_seed})")
+    p.add_argument(
+        "--holdout-seed", type=int, help=f"seed of the held-out views ({d.holdout_seed})"
+    )
     p.add_argument(
         "--calibration",
         choices=CALIBRATION_MODES,

@@ -6,6 +6,7 @@ a ``RayTransform`` in the layers above.
 
 from . import analytic, noise, phantoms, testing  # submodules as attributes
 from .analytic import analytic_reconstruction, fbp, fdk
+from .base import LinearOperator, OperatorBase, check_operator
 from .errors import BackendUnavailable, GeometryError
 from .geometry import (
     ConeBeam3D,
@@ -34,6 +35,9 @@ __all__ = [
     "ConeVec3D",
     "uniform_angles",
     "RayTransform",
+    "LinearOperator",
+    "OperatorBase",
+    "check_operator",
     "MatrixOperator",
     "analytic",
     "noise",

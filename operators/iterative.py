@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .base import power_norm
+
 __all__ = [
     "CGInfo",
     "DiscrepancyResult",
@@ -258,7 +260,7 @@ def discrepancy_tikhonov(
     n_obs = y.numel()
     target = tau**2 * float(noise_var)
     if norm is None:
-        norm = _power_norm(op, y, generator)
+        norm = power_norm(op, iterations=30, tol=1e-4, generator=generator, dtype=y.dtype)
     top = norm**2
     shifts = top * torch.logspace(math.log10(span), 0.0, n_shifts, dtype=torch.float64)
     b = op.T(y)
@@ -305,20 +307,3 @@ def discrepancy_tikhonov(
     x, cg = tikhonov(op, y, alpha, tol=tol, max_iter=max_iter, x0=xs[j1])
     m = float(misfit(x[None])[0])
     return DiscrepancyResult(alpha, x, m, target, True, grid, info, cg)
-
-
-def _power_norm(op: Any, like: torch.Tensor, generator: torch.Generator | None) -> float:
-    """‖A‖ by 30 power iterations on AᵀA (a few per cent low at worst: only the grid's top
-    end depends on it)."""
-    g = generator if generator is not None else torch.Generator(device=like.device).manual_seed(0)
-    v = torch.randn(tuple(op.domain_shape), generator=g, dtype=like.dtype, device=like.device)
-    v = v / v.norm()
-    lam = 0.0
-    with torch.no_grad():
-        for _ in range(30):
-            w = _normal(op, v)
-            lam = float(w.norm())
-            if lam == 0:
-                return 0.0
-            v = w / lam
-    return math.sqrt(lam)

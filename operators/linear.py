@@ -12,14 +12,13 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-from .adjoint_view import AdjointView
+from .base import OperatorBase
 
 __all__ = ["MatrixOperator"]
 
 
-class MatrixOperator(nn.Module):
+class MatrixOperator(OperatorBase):
     """A linear operator given by a sparse matrix: ``(..., *domain_shape) ->
     (..., *range_shape)``, ``op.T`` its exact transpose (``matched = True``).
 
@@ -44,11 +43,6 @@ class MatrixOperator(nn.Module):
         self.domain_shape = tuple(domain_shape)
         self.range_shape = tuple(range_shape)
         self._csr: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        object.__setattr__(self, "_adjoint_view", AdjointView(self))
-
-    @property
-    def T(self) -> AdjointView:  # noqa: N802
-        return self._adjoint_view
 
     def _mats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (like.dtype, like.device)
@@ -74,27 +68,7 @@ class MatrixOperator(nn.Module):
         """``A^T y``."""
         return self._apply(y, 1, self.range_shape, self.domain_shape)
 
-    def norm(self, *, iterations: int = 100, generator: torch.Generator | None = None) -> float:
-        """``||A||_2`` by power iteration on ``A^T A`` (float64)."""
-        g = generator if generator is not None else torch.Generator().manual_seed(0)
-        x = torch.randn(self.domain_shape, generator=g, dtype=torch.float64)
-        lam = 0.0
-        for _ in range(iterations):
-            x = x / x.norm()
-            z = self.adjoint(self.forward(x))
-            lam_new = float((x * z).sum())
-            x = z
-            if abs(lam_new - lam) <= 1e-9 * lam_new:
-                break
-            lam = lam_new
-        return math.sqrt(max(lam_new, 0.0))
-
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_csr"] = {}
-        state.pop("_adjoint_view", None)
+        state = super().__getstate__()
+        state["_csr"] = {}  # per-device caches are rebuilt on demand
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        object.__setattr__(self, "_adjoint_view", AdjointView(self))

@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
-from .adjoint_view import AdjointView
+from .base import OperatorBase
 from .transform import RayTransform
 
 __all__ = ["view_axis", "take_views", "select_views", "ViewSubset"]
@@ -67,7 +66,7 @@ def take_views(op: Any, views: Sequence[int]) -> Any:
     return ViewSubset(op, sel)
 
 
-class ViewSubset(nn.Module):
+class ViewSubset(OperatorBase):
     """``op`` followed by the selection of some views; ``.T`` zero-fills the other views and
     applies ``op.T`` (the exact transpose of the restricted map when ``op.T`` is exact)."""
 
@@ -82,11 +81,6 @@ class ViewSubset(nn.Module):
         shape[self._axis] = len(self.views)
         self.range_shape = tuple(shape)
         self._full = rs
-        object.__setattr__(self, "_adjoint_view", AdjointView(self))
-
-    @property
-    def T(self) -> AdjointView:  # noqa: N802
-        return self._adjoint_view
 
     @property
     def matched(self) -> bool:

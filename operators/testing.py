@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .base import OperatorBase, power_norm
+
 __all__ = [
     "dot_test",
     "adjoint_autograd_error",
@@ -45,22 +47,11 @@ def operator_norm(
 
     On the CPU this is ``op.norm()``; elsewhere (e.g. ASTRA CUDA, which only takes CUDA
     tensors) the iteration runs on ``device`` in ``dtype``."""
-    if hasattr(op, "norm") and hasattr(op, "_backend_for"):  # a RayTransform: cached
+    if isinstance(op, OperatorBase):  # cached, in the dtype the operator's backend takes
         return float(op.norm(device=device, iterations=iterations, tol=tol, generator=generator))
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
-    x = torch.randn(op.domain_shape, generator=g, dtype=torch.float64)
-    x = (x / x.norm()).to(dtype=dtype, device=device)
-    lam = 0.0
-    for _ in range(iterations):
-        z = op.T(op(x))
-        new = float(z.double().norm())
-        if new == 0:
-            return 0.0
-        x = z / new
-        if abs(new - lam) <= tol * new:
-            return new**0.5
-        lam = new
-    return lam**0.5
+    return power_norm(
+        op, iterations=iterations, tol=tol, generator=generator, device=device, dtype=dtype
+    )
 
 
 def dot_test(

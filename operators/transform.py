@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from .adjoint_view import AdjointView
 from .backends import make_backend
 from .backends.base import Backend
+from .base import OperatorBase
 from .errors import GeometryError
 from .geometry import ProjectionGeometry, VolumeGeometry
 
@@ -44,7 +43,7 @@ class _Backproject(torch.autograd.Function):
         return _Project.apply(grad, ctx.op), None
 
 
-class RayTransform(nn.Module):
+class RayTransform(OperatorBase):
     """X-ray transform ``A`` between a voxel volume and a sinogram.
 
     Args:
@@ -87,14 +86,6 @@ class RayTransform(nn.Module):
         elif backend != "auto":
             # Resolve eagerly so an unavailable backend fails at construction.
             self._backend_for(torch.device("cuda") if backend == "astra_cuda" else None)
-        self._norm: dict[str, float] | None = None  # per device
-        # Not a registered submodule: the adjoint view points back at this module.
-        object.__setattr__(self, "_adjoint_view", AdjointView(self))
-
-    @property
-    def T(self) -> AdjointView:  # noqa: N802 - mathematical notation
-        """The adjoint as a module: ``op.T(y)``; ``op.T.T is op``."""
-        return self._adjoint_view
 
     # ------------------------------------------------------------------ properties
     @property
@@ -182,6 +173,7 @@ class RayTransform(nn.Module):
         tol: float = 1e-7,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         recompute: bool = False,
     ) -> float:
         """Operator 2-norm ``||A||`` by power iteration on ``A^T A`` (cached per device).
@@ -191,42 +183,20 @@ class RayTransform(nn.Module):
         tomosipo)."""
         if device is None:
             device = "cuda" if self._requested in ("astra_cuda", "tomosipo") else "cpu"
-        device = torch.device(device)
-        key = str(device)
-        if self._norm is not None and key in self._norm and not recompute:
-            return self._norm[key]
-        be = self._backend_for(device)
-        dtype = (
-            torch.float32 if be.name.startswith("astra") or be.name == "tomosipo" else torch.float64
-        )
-        g = generator if generator is not None else torch.Generator().manual_seed(0)
-        x = torch.randn(self.domain_shape, generator=g, dtype=torch.float64)
-        x = (x / x.norm()).to(dtype=dtype, device=device)
-        lam = 0.0
-        for _ in range(iterations):
-            z = self._apply_adjoint(self._apply_forward(x))
-            new = float(z.double().norm())
-            if new == 0:
-                lam = 0.0
-                break
-            x = z / new
-            if abs(new - lam) <= tol * new:
-                lam = new
-                break
-            lam = new
-        self._norm = {**(self._norm or {}), key: lam**0.5}
-        return self._norm[key]
+        if dtype is None:
+            be = self._backend_for(torch.device(device))
+            astra_like = be.name.startswith("astra") or be.name == "tomosipo"
+            dtype = torch.float32 if astra_like else torch.float64
+        return super().norm(
+            iterations=iterations, tol=tol, generator=generator, device=device, dtype=dtype,
+            recompute=recompute,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"volume={self.volume!r}, geometry={self.geometry!r}, backend={self._requested!r}"
 
     # Projectors hold no tensors; keep state_dict round-trips trivially valid.
     def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_backends"] = {}
-        state.pop("_adjoint_view", None)
+        state = super().__getstate__()
+        state["_backends"] = {}  # native handles are rebuilt on demand
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        object.__setattr__(self, "_adjoint_view", AdjointView(self))

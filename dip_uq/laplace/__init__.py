@@ -25,7 +25,7 @@ minibatches) takes it to a handful.
 
 from .front import Laplace
 from .jacobian import FunctionalModel
-from .likelihoods import Categorical, Gaussian, check_operator
+from .likelihoods import Categorical, Gaussian
 from .params import NORM_LAYERS, ParameterSelection, all_weights, conv_weights
 from .posterior import LinearisedLaplace
 from .priors import BlockPrior, matern_correlation
@@ -47,7 +47,6 @@ __all__ = [
     "SolverResult",
     "Welford",
     "all_weights",
-    "check_operator",
     "conv_weights",
     "draw_noise",
     "get_solver",

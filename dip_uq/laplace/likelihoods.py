@@ -12,30 +12,14 @@ noise. This keeps one code path for regression, CT and classification, and never
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Gaussian", "Categorical", "check_operator"]
+from operators.base import check_operator
 
-
-def check_operator(op: Any) -> None:
-    """Require ``op(x)`` and ``op.T(y)``; warn when ``op.matched`` is False."""
-    if not callable(op):
-        raise TypeError(f"operator {type(op).__name__} is not callable: it needs A(x)")
-    adj = getattr(op, "T", None)
-    if adj is None or not callable(adj):
-        raise TypeError(
-            f"operator {type(op).__name__} has no callable .T (adjoint): it needs A.T(y)"
-        )
-    if getattr(op, "matched", True) is False:
-        warnings.warn(
-            "the operator's adjoint is not the exact transpose (matched=False): dual solvers, "
-            "Matheron samples and exact posteriors assume it is",
-            stacklevel=3,
-        )
+__all__ = ["Gaussian", "Categorical"]
 
 
 class Gaussian(nn.Module):
@@ -53,7 +37,7 @@ class Gaussian(nn.Module):
         super().__init__()
         _check_positive("noise variance", noise_var)
         if operator is not None:
-            check_operator(operator)
+            check_operator(operator, shapes=False)
         self.operator = operator
         self.log_noise_var = nn.Parameter(
             torch.tensor(math.log(noise_var), dtype=torch.float64), requires_grad=False

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from operators.base import check_operator
+
 from .calibration import split_heldout
 from .config import UQConfig
 from .linearised import build_laplace, exact_image_covariance, hyper_state
@@ -38,18 +40,7 @@ __all__ = ["reconstruct_with_uncertainty"]
 def check_problem(y: Any, operator: Any) -> torch.Tensor:
     """``y`` as a float tensor of the operator's range shape, finite; the operator has the
     contract the pipeline needs (``op(x)``, ``op.T(y)``, ``domain_shape``, ``range_shape``)."""
-    if not callable(operator) or not callable(getattr(operator, "T", None)):
-        raise TypeError(
-            f"operator {type(operator).__name__} must be callable with an adjoint .T "
-            "(e.g. operators.RayTransform)"
-        )
-    try:
-        rng = tuple(operator.range_shape)
-        tuple(operator.domain_shape)
-    except AttributeError as err:
-        raise TypeError(
-            f"operator {type(operator).__name__} needs domain_shape and range_shape"
-        ) from err
+    _, rng = check_operator(operator)
     y = torch.as_tensor(y)
     if not y.is_floating_point():
         y = y.float()
