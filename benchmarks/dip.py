@@ -59,12 +59,12 @@ def bench_case(name: str, shape, geometry_fn, config: UNetConfig, steps: int, de
 
     # one whole training step (what fit_dip does per iteration), timed through fit_dip itself
     net = UNet(config, generator=torch.Generator().manual_seed(0)).to(device)
-    fit_dip(op, y, net=net, tv_weight=1e-4, iterations=2, lr=1e-4, progress=False)  # warm-up
+    fit_dip(y, op, net=net, tv_weight=1e-4, iterations=2, lr=1e-4, progress=False)  # warm-up
     t_fit = []
     for _ in range(2):
         _sync(device)
         t0 = time.perf_counter()
-        fit_dip(op, y, net=net, tv_weight=1e-4, iterations=steps, lr=1e-4, progress=False)
+        fit_dip(y, op, net=net, tv_weight=1e-4, iterations=steps, lr=1e-4, progress=False)
         _sync(device)
         t_fit.append((time.perf_counter() - t0) / steps)
     step = min(t_fit)  # includes the per-fit FBP input, amortised over `steps`

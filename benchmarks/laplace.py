@@ -133,10 +133,10 @@ def prepare(case: Case, path: Path) -> dict:
     x = random_ellipses((case.size, case.size), generator=g)
     y, std = add_gaussian_noise(op(x), rel=0.05, generator=g)
     net = UNet(UNetConfig(ndim=2, **case.unet), generator=g)
-    fit_dip(op, y, net=UNet(net.config), tv_weight=TV_WEIGHT, iterations=2, progress=False)
+    fit_dip(y, op, net=UNet(net.config), tv_weight=TV_WEIGHT, iterations=2, progress=False)
     t0 = time.perf_counter()
     res = fit_dip(
-        op, y, net=net, tv_weight=TV_WEIGHT, iterations=case.dip_iterations, progress=False
+        y, op, net=net, tv_weight=TV_WEIGHT, iterations=case.dip_iterations, progress=False
     )
     step = (time.perf_counter() - t0) / case.dip_iterations
     # the problem is saved before any re-timing so the linearisation point is this fit
@@ -170,10 +170,10 @@ def retime_dip(case: Case, path: Path) -> dict:
     net = UNet(UNetConfig(**data["config"]))
     net.load_state_dict(data["state"])
     op = _operator(case)
-    fit_dip(op, data["y"], net=net, tv_weight=TV_WEIGHT, iterations=2, progress=False)
+    fit_dip(data["y"], op, net=net, tv_weight=TV_WEIGHT, iterations=2, progress=False)
     t0 = time.perf_counter()
     fit_dip(
-        op, data["y"], net=net, tv_weight=TV_WEIGHT, iterations=case.dip_iterations, progress=False
+        data["y"], op, net=net, tv_weight=TV_WEIGHT, iterations=case.dip_iterations, progress=False
     )
     return {"dip_step_s": (time.perf_counter() - t0) / case.dip_iterations, "load": load_avg()}
 

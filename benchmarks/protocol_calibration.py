@@ -72,7 +72,7 @@ def run_image(x, n_angles, noise, args, seed) -> dict:
     y, std = add_gaussian_noise(op(x), rel=noise, generator=g)
     gamma, its = DIP_SETTINGS[(noise, n_angles)]
     its = max(50, int(its * args.iter_scale))
-    rank = discrepancy_rank(op, y, std**2)
+    rank = discrepancy_rank(y, op, std**2)
     delta = backprojected_noise_delta(op, std**2, rank=rank)
     net = "small"
     if args.channels:  # a narrower small preset (smoke tests)

@@ -86,8 +86,8 @@ def stage_dip(args) -> dict:
     net = UNet(unet_config(args), generator=g)
     t0, c0 = time.perf_counter(), time.process_time()
     res = fit_dip(
-        op,
         y,
+        op,
         net=net,
         tv_weight=args.tv,
         iterations=args.dip_iterations,

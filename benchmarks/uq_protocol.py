@@ -94,7 +94,7 @@ def run_image(x, n_angles, noise, args, seed):
     y, std = add_gaussian_noise(op(x), rel=noise, generator=g)
     gamma, its = DIP_SETTINGS[(noise, n_angles)]
     its = max(50, int(its * args.iter_scale))
-    rank = discrepancy_rank(op, y, std**2)
+    rank = discrepancy_rank(y, op, std**2)
     delta = backprojected_noise_delta(op, std**2, rank=rank)
     t0 = time.perf_counter()
     overrides = net_overrides(args)
@@ -104,7 +104,7 @@ def run_image(x, n_angles, noise, args, seed):
 
         net = UNet.from_preset("small", generator=g, **overrides)
     dip = fit_dip(
-        op, y, net=net, tv_weight=gamma, iterations=its, lr=args.lr, generator=g, progress=False
+        y, op, net=net, tv_weight=gamma, iterations=its, lr=args.lr, generator=g, progress=False
     )
     t_dip = time.perf_counter() - t0
     out, times = {}, {"DIP": t_dip}

@@ -75,7 +75,7 @@ def cached_dip(
         return prob, dip
     t0 = time.perf_counter()
     dip = fit_dip(
-        op, y, tv_weight=tv_weight, iterations=iterations, lr=lr, generator=g, progress=False
+        y, op, tv_weight=tv_weight, iterations=iterations, lr=lr, generator=g, progress=False
     )
     prob["dip_seconds"] = time.perf_counter() - t0
     if path is not None:

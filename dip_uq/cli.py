@@ -290,7 +290,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         if isinstance(net, Path):
             raise CLIError("use either --net FILE.pt (already pretrained) or --edip-iterations")
         # phantoms span [0, s] with s the 99th percentile of the analytic reconstruction
-        z0 = initial_input(op, y, "fbp")
+        z0 = initial_input(y, op, "fbp")
         value_scale = float(torch.quantile(z0.flatten().float().cpu(), 0.99))
         pre = pretrain_edip(
             op,
@@ -306,8 +306,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
         net = pre.net.to(device)
         print(f"EDIP pretraining done: wrote {out / 'edip.pt'}")
     res = fit_dip(
-        op,
         y,
+        op,
         net=net,
         tv_weight=args.tv_weight,
         iterations=args.iterations,

@@ -89,7 +89,7 @@ def _run(out_dir, quick, n_angles, noise, iterations, seed, progress, uncertaint
     op = RayTransform(volume, FanBeam2D.default(volume, n_angles=n_angles))
     g = torch.Generator().manual_seed(seed)
     y, std = add_gaussian_noise(op(x), rel=noise, generator=g)
-    x_fbp = fbp(op, y)
+    x_fbp = fbp(y, op)
     results: dict[str, Any] = {"image_shape": list(x.shape), "n_angles": n_angles}
     results.update(noise_rel=noise, noise_std=std, psnr_fbp=psnr(x_fbp, x), ssim_fbp=ssim(x_fbp, x))
     if uncertainty:
@@ -100,7 +100,7 @@ def _run(out_dir, quick, n_angles, noise, iterations, seed, progress, uncertaint
         its = iterations if iterations is not None else (150 if quick else 1000)
         t_dip = time.perf_counter()
         res = fit_dip(
-            op, y, tv_weight=3e-4, iterations=its, lr=1e-3, generator=g, progress=progress
+            y, op, tv_weight=3e-4, iterations=its, lr=1e-3, generator=g, progress=progress
         )
         results.update(dip_seconds=time.perf_counter() - t_dip, iterations=its)
         image, uq = res.image, None

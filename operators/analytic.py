@@ -342,8 +342,8 @@ def _fbp_fan(op: Any, y: torch.Tensor, name: str, cutoff: float, weight_tol: flo
 
 
 def fbp(
-    op: RayTransform,
     y: torch.Tensor,
+    op: RayTransform,
     *,
     filter: str = "ram-lak",
     cutoff: float = 1.0,
@@ -382,7 +382,7 @@ def fbp(
 
 
 def fdk(
-    op: RayTransform, y: torch.Tensor, *, filter: str = "ram-lak", cutoff: float = 1.0
+    y: torch.Tensor, op: RayTransform, *, filter: str = "ram-lak", cutoff: float = 1.0
 ) -> torch.Tensor:
     """Feldkamp-Davis-Kress reconstruction for ``ConeBeam3D`` (circular full orbit, flat
     detector).
@@ -413,16 +413,16 @@ def fdk(
     return op.T(q) * (dh * dw / (geom.magnification * float(np.prod(vol.voxel_size))))
 
 
-def analytic_reconstruction(op: RayTransform, y: torch.Tensor, **kw: Any) -> torch.Tensor:
+def analytic_reconstruction(y: torch.Tensor, op: RayTransform, **kw: Any) -> torch.Tensor:
     """FBP or FDK, chosen by the geometry: ``Parallel2D``, ``FanBeam2D`` and ``Parallel3D``
     use :func:`fbp`, ``ConeBeam3D`` :func:`fdk`. Keyword arguments are passed on.
     Vector geometries (``ParallelVec3D``, ``ConeVec3D``) have no analytic formula here and
     raise ``TypeError`` naming the geometry."""
     geom = getattr(op, "geometry", None)
     if isinstance(geom, ConeBeam3D):
-        return fdk(op, y, **kw)
+        return fdk(y, op, **kw)
     if isinstance(geom, Parallel2D | FanBeam2D | Parallel3D):
-        return fbp(op, y, **kw)
+        return fbp(y, op, **kw)
     if geom is None:
         raise TypeError(
             f"analytic_reconstruction: op must be a RayTransform with a .geometry, "

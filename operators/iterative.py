@@ -187,8 +187,8 @@ def multishift_cg_normal(
 
 
 def tikhonov(
-    op: Any,
     y: torch.Tensor,
+    op: Any,
     alpha: float,
     *,
     tol: float = 1e-4,
@@ -227,8 +227,8 @@ class DiscrepancyResult:
 
 
 def discrepancy_tikhonov(
-    op: Any,
     y: torch.Tensor,
+    op: Any,
     noise_var: float,
     *,
     tau: float = 1.0,
@@ -304,6 +304,6 @@ def discrepancy_tikhonov(
     m0, m1 = math.log(max(misfits[j0], 1e-300)), math.log(misfits[j1])
     t = (math.log(target) - m0) / (m1 - m0) if m1 > m0 else 0.5
     alpha = math.exp(l0 + min(max(t, 0.0), 1.0) * (l1 - l0))
-    x, cg = tikhonov(op, y, alpha, tol=tol, max_iter=max_iter, x0=xs[j1])
+    x, cg = tikhonov(y, op, alpha, tol=tol, max_iter=max_iter, x0=xs[j1])
     m = float(misfit(x[None])[0])
     return DiscrepancyResult(alpha, x, m, target, True, grid, info, cg)

@@ -52,7 +52,7 @@ def test_fbp_parallel_shepp_logan_256():
     vol = VolumeGeometry(shape=(256, 256))
     op = RayTransform(vol, Parallel2D.default(vol), backend="torch")
     x = shepp_logan_2d(256)
-    rec = fbp(op, op(x))
+    rec = fbp(op(x), op)
     assert rec.shape == x.shape and rec.dtype == torch.float32
     assert psnr(rec, x) >= 25.0
 
@@ -61,7 +61,7 @@ def test_fbp_fan_shepp_logan_256():
     vol = VolumeGeometry(shape=(256, 256))
     op = RayTransform(vol, FanBeam2D.default(vol, n_angles=540), backend="torch")
     x = shepp_logan_2d(256)
-    rec = fbp(op, op(x))
+    rec = fbp(op(x), op)
     assert psnr(rec, x) >= 25.0
 
 
@@ -69,7 +69,7 @@ def test_fdk_shepp_logan_64():
     vol = VolumeGeometry(shape=(64, 64, 64))
     op = RayTransform(vol, ConeBeam3D.default(vol, n_angles=180), backend="torch")
     x = shepp_logan_3d(64)
-    rec = fdk(op, op(x))
+    rec = fdk(op(x), op)
     assert rec.shape == x.shape
     assert psnr(rec, x) >= 20.0
 
@@ -86,7 +86,7 @@ def test_analytic_reconstruction_dispatches_on_geometry():
     for op, direct in cases:
         y = torch.randn(op.range_shape, generator=torch.Generator().manual_seed(0))
         torch.testing.assert_close(
-            analytic_reconstruction(op, y, filter="hann"), direct(op, y, filter="hann")
+            analytic_reconstruction(y, op, filter="hann"), direct(y, op, filter="hann")
         )
 
 
@@ -115,7 +115,7 @@ def test_constant_disc_reconstructs_to_its_value(kind, vol):
     else:
         geom = FanBeam2D.default(vol, n_angles=240)
     op = RayTransform(vol, geom)
-    rec = fbp(op, op(disc))
+    rec = fbp(op(disc), op)
     interior = r2 <= (0.75 * radius) ** 2
     mean = float(rec[interior].mean())
     assert abs(mean - c) <= 0.03 * c, mean
@@ -142,7 +142,7 @@ def test_disc_scale_for_detector_spacings_unlike_the_voxel(spacing):
     ]
     for geom in geoms:
         op = RayTransform(vol, geom)
-        rec = fbp(op, op(disc))
+        rec = fbp(op(disc), op)
         assert float(rec[interior].mean()) == pytest.approx(1.7, rel=0.03), type(geom).__name__
 
 
@@ -154,7 +154,7 @@ def test_fdk_ball_and_cylinder_scale():
     cylinder = torch.maximum(x**2 + y**2, (7 * z / 6) ** 2)  # |z| <= 6, radius 7
     for name, r2 in (("ball", ball), ("cylinder", cylinder)):
         vol_img = 1.5 * (r2 <= 7.0**2).double()
-        rec = fdk(op, op(vol_img))
+        rec = fdk(op(vol_img), op)
         interior = r2 <= 5.0**2
         assert abs(float(rec[interior].mean()) - 1.5) <= 0.03 * 1.5, name
 
@@ -169,8 +169,8 @@ def test_parallel3d_fbp_matches_2d_fbp_slice_by_slice():
         [random_ellipses(32, generator=torch.Generator().manual_seed(k)) for k in range(3)]
     )
     x = x.double()
-    rec3 = fbp(op3, op3(x))
-    rec2 = fbp(op2, op2(x))
+    rec3 = fbp(op3(x), op3)
+    rec2 = fbp(op2(x), op2)
     torch.testing.assert_close(rec3, rec2, rtol=1e-6, atol=1e-6)
 
 
@@ -232,7 +232,7 @@ def test_fbp_agrees_with_pixel_driven_textbook_formula(kind):
     x = torch.exp(-((xx - 3) ** 2 + (yy + 2) ** 2) / 40) * ((xx**2 + yy**2) < 18**2)
     op = RayTransform(vol, geom)
     y = op(x)
-    ours = fbp(op, y)
+    ours = fbp(y, op)
     ref = textbook_fbp(geom, vol, y)
     rel = float((ours - ref).norm() / ref.norm())
     assert rel < 0.02, rel
@@ -269,7 +269,7 @@ def test_fdk_agrees_with_voxel_driven_textbook_formula():
     x = torch.exp(-((xx - 2) ** 2 + (yy + 1) ** 2 + z**2 / 2) / 30) * ((xx**2 + yy**2 + z**2) < 100)
     op = RayTransform(vol, geom)
     y = op(x)
-    ours = fdk(op, y)
+    ours = fdk(y, op)
     ref = textbook_fdk(geom, vol, y)
     # ~2 % apart: the ray-driven transpose's row ripple in the mid-plane slices (see docs)
     assert float((ours - ref).norm() / ref.norm()) < 0.04
@@ -344,10 +344,10 @@ def test_hann_is_smoother_than_shepp_logan_than_ram_lak():
         fy, fx = torch.meshgrid(torch.arange(64) - 32, torch.arange(64) - 32, indexing="ij")
         return float(spec[(fx**2 + fy**2) > 16**2].sum())
 
-    e = {name: high_energy(fbp(op, y, filter=name)) for name in ("ram-lak", "shepp-logan", "hann")}
+    e = {name: high_energy(fbp(y, op, filter=name)) for name in ("ram-lak", "shepp-logan", "hann")}
     assert e["hann"] < 0.5 * e["shepp-logan"] and e["shepp-logan"] < e["ram-lak"]
     # smoothing costs resolution but not scale: the mean is unchanged
-    means = [float(fbp(op, y, filter=n).mean()) for n in ("ram-lak", "hann")]
+    means = [float(fbp(y, op, filter=n).mean()) for n in ("ram-lak", "hann")]
     assert means[0] == pytest.approx(means[1], rel=0.01)
 
 
@@ -379,7 +379,7 @@ def test_parallel_scale_independent_of_angle_count_and_range(n_angles, stop):
     op = RayTransform(vol, geom)
     yy, xx = world_grid(vol)
     disc = ((xx**2 + yy**2) <= 18**2).double()
-    rec = fbp(op, op(disc))
+    rec = fbp(op(disc), op)
     assert float(rec[(xx**2 + yy**2) <= 13**2].mean()) == pytest.approx(1.0, abs=0.03)
 
 
@@ -389,15 +389,15 @@ def test_batch_dims_dtypes_and_gradients():
     g = torch.Generator().manual_seed(3)
     x = torch.stack([random_ellipses(32, generator=g) for _ in range(6)]).reshape(2, 3, 32, 32)
     y = op(x)
-    batched = fbp(op, y)
+    batched = fbp(y, op)
     assert batched.shape == (2, 3, 32, 32) and batched.dtype == torch.float32
-    torch.testing.assert_close(batched[1, 2], fbp(op, y[1, 2]), rtol=1e-5, atol=1e-5)
-    rec64 = fbp(op, y.double())
+    torch.testing.assert_close(batched[1, 2], fbp(y[1, 2], op), rtol=1e-5, atol=1e-5)
+    rec64 = fbp(y.double(), op)
     assert rec64.dtype == torch.float64
     torch.testing.assert_close(rec64.float(), batched, rtol=1e-4, atol=1e-4)
     # linear in y and differentiable: <fbp(y), v> has gradient fbp^T v
     yv = y[0, 0].double().requires_grad_(True)
-    (fbp(op, yv) * x[0, 0].double()).sum().backward()
+    (fbp(yv, op) * x[0, 0].double()).sum().backward()
     assert yv.grad is not None and torch.isfinite(yv.grad).all() and yv.grad.abs().sum() > 0
 
 
@@ -418,7 +418,7 @@ def test_backprojection_only_through_op_T():
         op = RayTransform(vol, geom)
         spy = _SpyOp(op)
         y = op(shepp_logan_2d(24))
-        torch.testing.assert_close(fbp(spy, y), fbp(op, y))
+        torch.testing.assert_close(fbp(y, spy), fbp(y, op))
         assert spy.calls == 1  # fan: all Fourier terms in one batched call
 
 
@@ -436,9 +436,9 @@ def test_fbp_scale_with_other_backends(backend, kind):
         pytest.skip(f"{backend} backend unavailable: {exc}")
     yy, xx = world_grid(vol)
     disc = 2.0 * ((xx**2 + yy**2) <= 18**2).float()
-    rec = fbp(op, op(disc))
+    rec = fbp(op(disc), op)
     assert float(rec[(xx**2 + yy**2) <= 13**2].mean()) == pytest.approx(2.0, rel=0.03)
-    torch_rec = fbp(RayTransform(vol, geom, backend="torch"), op(disc))
+    torch_rec = fbp(op(disc), RayTransform(vol, geom, backend="torch"))
     assert float((rec - torch_rec).norm() / torch_rec.norm()) < 0.05
 
 
@@ -449,15 +449,15 @@ def test_fbp_fdk_on_cuda():
     vol = VolumeGeometry(shape=(64, 64))
     op = RayTransform(vol, FanBeam2D.default(vol, n_angles=128), backend="torch")
     x = shepp_logan_2d(64)
-    rec_cpu = fbp(op, op(x))
-    rec_gpu = fbp(op, op(x.cuda()))
+    rec_cpu = fbp(op(x), op)
+    rec_gpu = fbp(op(x.cuda()), op)
     assert rec_gpu.device.type == "cuda"
     torch.testing.assert_close(rec_gpu.cpu(), rec_cpu, rtol=1e-3, atol=1e-3)
     vol3 = VolumeGeometry(shape=(32, 32, 32))
     op3 = RayTransform(vol3, ConeBeam3D.default(vol3, n_angles=90), backend="torch")
     x3 = shepp_logan_3d(32)
     torch.testing.assert_close(
-        fdk(op3, op3(x3.cuda())).cpu(), fdk(op3, op3(x3)), rtol=1e-3, atol=1e-3
+        fdk(op3(x3.cuda()), op3).cpu(), fdk(op3(x3), op3), rtol=1e-3, atol=1e-3
     )
 
 
@@ -472,15 +472,15 @@ def test_unsupported_geometry_is_named():
     op = RayTransform(vol, ConeVec3D(vectors=cone.to_vec(), det_shape=cone.det_shape))
     y = torch.zeros(op.range_shape)
     with pytest.raises(TypeError, match="ConeVec3D"):
-        analytic_reconstruction(op, y)
+        analytic_reconstruction(y, op)
     with pytest.raises(TypeError, match="ConeVec3D"):
-        fdk(op, y)
+        fdk(y, op)
     vol2 = VolumeGeometry(shape=(8, 8))
     op2 = RayTransform(vol2, Parallel2D.default(vol2, n_angles=4))
     with pytest.raises(TypeError, match="Parallel2D"):
-        fdk(op2, torch.zeros(op2.range_shape))
+        fdk(torch.zeros(op2.range_shape), op2)
     with pytest.raises(TypeError, match="RayTransform"):
-        analytic_reconstruction(object(), y)
+        analytic_reconstruction(y, object())
 
 
 def test_bad_sinograms_and_options():
@@ -488,23 +488,23 @@ def test_bad_sinograms_and_options():
     op = RayTransform(vol, Parallel2D.default(vol, n_angles=5))
     good = torch.zeros(op.range_shape)
     with pytest.raises(ValueError, match=r"expected \(\.\.\., 5, 12\)"):
-        fbp(op, torch.zeros(5, 11))
+        fbp(torch.zeros(5, 11), op)
     with pytest.raises(ValueError, match="NaN"):
-        fbp(op, torch.full(op.range_shape, float("nan")))
+        fbp(torch.full(op.range_shape, float("nan")), op)
     with pytest.raises(TypeError, match="float32 or float64"):
-        fbp(op, good.int())
+        fbp(good.int(), op)
     with pytest.raises(TypeError, match="torch.Tensor"):
-        fbp(op, good.numpy())
+        fbp(good.numpy(), op)
     with pytest.raises(ValueError, match="unknown filter 'cosine'"):
-        fbp(op, good, filter="cosine")
+        fbp(good, op, filter="cosine")
     with pytest.raises(ValueError, match="cutoff"):
-        fbp(op, good, cutoff=0.0)
+        fbp(good, op, cutoff=0.0)
     fan = RayTransform(vol, FanBeam2D.default(vol, n_angles=6))
     with pytest.raises(ValueError, match="weight_tol"):
-        fbp(fan, torch.zeros(fan.range_shape), weight_tol=0.0)
+        fbp(torch.zeros(fan.range_shape), fan, weight_tol=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fbp(op, good)  # a complete half orbit does not warn
+        fbp(good, op)  # a complete half orbit does not warn
     inside = RayTransform(
         vol,
         FanBeam2D(
@@ -512,7 +512,7 @@ def test_bad_sinograms_and_options():
         ),
     )
     with pytest.raises(ValueError, match="source .* inside"):
-        fbp(inside, torch.zeros(inside.range_shape))
+        fbp(torch.zeros(inside.range_shape), inside)
     short = FanBeam2D.default(vol, n_angles=40)[:24]  # 216 degrees, no Parker weights
     with pytest.warns(UserWarning, match="full orbit"):
-        fbp(RayTransform(vol, short), torch.zeros(short.shape))
+        fbp(torch.zeros(short.shape), RayTransform(vol, short))

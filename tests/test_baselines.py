@@ -66,13 +66,13 @@ def test_delta_closed_form_and_discrepancy_rank():
     for k in (1, 2, 3, 4):
         # a noise level whose threshold 9 σ² falls just above the residual after k directions
         sigma2 = float(resid[k - 1]) * 1.01 / 9
-        assert discrepancy_rank(op, y, sigma2) == k
+        assert discrepancy_rank(y, op, sigma2) == k
     # an underestimated noise level is never reached: the numerical rank
-    assert discrepancy_rank(op, y, 1e-12) == 6
+    assert discrepancy_rank(y, op, 1e-12) == 6
     with pytest.raises(ValueError, match="exactly one of rank"):
         backprojected_noise_delta(op, 1.0)
     with pytest.raises(ValueError, match="range shape"):
-        discrepancy_rank(op, y[:5], 1.0)
+        discrepancy_rank(y[:5], op, 1.0)
 
 
 def test_delta_is_the_variance_of_the_truncated_reconstruction():
@@ -97,7 +97,7 @@ def test_discrepancy_delta_is_a_correction_on_the_protocol_operator():
     op = kmnist_operator(20)
     x = random_ellipses(28, n_ellipses=8, generator=g, dtype=torch.float64)
     y, std = add_gaussian_noise(op(x), rel=0.05, generator=g)
-    k = discrepancy_rank(op, y, std**2)
+    k = discrepancy_rank(y, op, std**2)
     assert 200 < k < 700
     loose = backprojected_noise_delta(op, std**2, rcond=1e-3)
     dp = backprojected_noise_delta(op, std**2, rank=k)
@@ -115,9 +115,9 @@ def test_baselines_and_metrics(problem):
     g = torch.Generator().manual_seed(1)
     net = UNet(UNetConfig(channels=(4, 4), skip_channels=(0, 2)), generator=g).double()
     dip = fit_dip(
-        op, y, net=net, tv_weight=1e-4, iterations=100, lr=1e-2, generator=g, progress=False
+        y, op, net=net, tv_weight=1e-4, iterations=100, lr=1e-2, generator=g, progress=False
     )
-    rank = discrepancy_rank(op, y, std**2)
+    rank = discrepancy_rank(y, op, std**2)
     delta = backprojected_noise_delta(op, std**2, rank=rank)
     lin = reconstruct_with_uncertainty(
         y,
@@ -172,7 +172,7 @@ def test_mcdo(problem):
     torch.testing.assert_close(
         res.samples.mean(0), torch.zeros(12, 12, dtype=res.samples.dtype), atol=1e-6, rtol=0
     )
-    delta = backprojected_noise_delta(op, std**2, rank=discrepancy_rank(op, y, std**2))
+    delta = backprojected_noise_delta(op, std**2, rank=discrepancy_rank(y, op, std**2))
     m = evaluate_uq(res, x, delta=delta, patch_sizes=(1, 2))
     assert math.isfinite(m["test_log_likelihood"])
     with pytest.raises(ValueError, match="dropout"):

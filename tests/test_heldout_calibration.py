@@ -44,7 +44,7 @@ def test_split_heldout_partitions_the_sinogram():
     op = RayTransform(vol, FanBeam2D.default(vol, n_angles=20))
     x = torch.rand(12, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = op(x)
-    sp = split_heldout(op, y, 0.2, seed=3)
+    sp = split_heldout(y, op, 0.2, seed=3)
     assert len(sp.views) == 4 and sorted(sp.views + sp.fit_views) == list(range(20))
     assert torch.allclose(sp.fit_operator(x), sp.fit_y) and torch.allclose(
         sp.heldout_operator(x), sp.heldout_y
@@ -52,7 +52,7 @@ def test_split_heldout_partitions_the_sinogram():
     assert sp.view_of.shape == (sp.heldout_y.numel(),)
     # measurement j of the flat held-out sinogram belongs to view view_of[j]
     assert torch.equal(sp.view_of.reshape(sp.heldout_y.shape)[:, 0], torch.arange(4))
-    none = split_heldout(op, y, 0.0)
+    none = split_heldout(y, op, 0.0)
     assert none.heldout_operator is None and none.fit_operator is op
 
 
@@ -145,11 +145,11 @@ def test_heldout_score_when_truth_is_drawn_from_the_model():
     """The pipeline's held-out record: truths drawn from the linearised posterior of the fit
     views, held-out measurements simulated from them, are covered at the nominal rate."""
     op, y, std, g = _tiny_problem()
-    sp = split_heldout(op, y, 0.2, seed=0)
+    sp = split_heldout(y, op, 0.2, seed=0)
     net = UNet(UNetConfig(channels=(4, 4), skip_channels=(0, 2), use_sigmoid=False), generator=g)
     dip = fit_dip(
-        sp.fit_operator,
         sp.fit_y,
+        sp.fit_operator,
         net=net.double(),
         tv_weight=1e-4,
         iterations=100,

@@ -56,7 +56,7 @@ def test_multishift_matches_each_shift(problem):
 
 def test_discrepancy_weight_matches_dense_curve(problem):
     op, A, y, s2 = problem
-    res = discrepancy_tikhonov(op, y, s2, tol=1e-8)
+    res = discrepancy_tikhonov(y, op, s2, tol=1e-8)
     U, S, _ = torch.linalg.svd(A, full_matrices=False)
     c = U.T @ y.reshape(-1)
     outside = float(y.pow(2).sum() - c.pow(2).sum())
@@ -69,7 +69,7 @@ def test_discrepancy_weight_matches_dense_curve(problem):
 
 def test_discrepancy_unbracketed_reports_it(problem):
     op, _, y, s2 = problem
-    res = discrepancy_tikhonov(op, y, 1e6 * s2)  # noise larger than the data: all noise
+    res = discrepancy_tikhonov(y, op, 1e6 * s2)  # noise larger than the data: all noise
     assert not res.bracketed and res.misfit < res.target
 
 
@@ -93,9 +93,9 @@ def test_iterative_rejects_bad_inputs(problem):
     with pytest.raises(ValueError, match="positive"):
         multishift_cg_normal(op, torch.zeros(16, 16), torch.tensor([1.0, -1.0]))
     with pytest.raises(ValueError, match="range shape"):
-        discrepancy_tikhonov(op, y[:3], s2)
+        discrepancy_tikhonov(y[:3], op, s2)
     with pytest.raises(ValueError, match="noise_var"):
-        discrepancy_tikhonov(op, y, 0.0)
+        discrepancy_tikhonov(y, op, 0.0)
 
 
 def test_take_views_equals_selecting_views():

@@ -39,8 +39,8 @@ def test_noise_term_matches_dense_svd():
     y_fit = y[fit_views]
     K = 1200
     nt = image_noise_term(
-        op,
         y_fit,
+        op,
         s2,
         n_probes=K,
         batch=400,
@@ -74,10 +74,10 @@ def test_noise_term_matches_dense_svd():
 def test_noise_term_given_alpha_scales_with_noise():
     op, y, s2 = _problem()
     a = image_noise_term(
-        op, y, s2, n_probes=8, alpha=2.0, generator=torch.Generator().manual_seed(0)
+        y, op, s2, n_probes=8, alpha=2.0, generator=torch.Generator().manual_seed(0)
     )
     b = image_noise_term(
-        op, y, 4 * s2, n_probes=8, alpha=2.0, generator=torch.Generator().manual_seed(0)
+        y, op, 4 * s2, n_probes=8, alpha=2.0, generator=torch.Generator().manual_seed(0)
     )
     assert torch.allclose(b.variance, 4 * a.variance, rtol=1e-6)  # same draws, σ doubled
     assert a.alpha == 2.0 and "discrepancy_misfit" not in a.diagnostics
@@ -94,6 +94,6 @@ def test_noise_term_given_alpha_scales_with_noise():
 def test_noise_term_rejects_bad_options(kw, match):
     op, y, s2 = _problem()
     with pytest.raises(ValueError, match=match):
-        image_noise_term(op, y, s2, **kw)
+        image_noise_term(y, op, s2, **kw)
     with pytest.raises(ValueError, match="noise_var"):
-        image_noise_term(op, y, float("nan"))
+        image_noise_term(y, op, float("nan"))

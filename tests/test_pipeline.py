@@ -34,7 +34,7 @@ def problem():
     y, std = add_gaussian_noise(op(x), rel=0.05, generator=g)
     net = UNet(UNetConfig(channels=(4, 4), skip_channels=(0, 2)), generator=g).double()
     res = fit_dip(
-        op, y, net=net, tv_weight=1e-4, iterations=150, lr=1e-2, generator=g, progress=False
+        y, op, net=net, tv_weight=1e-4, iterations=150, lr=1e-2, generator=g, progress=False
     )
     return {"x": x, "op": op, "y": y, "std": std, "dip": res}
 
@@ -402,7 +402,7 @@ def protocol28():
     x = random_ellipses(28, n_ellipses=8, generator=g)
     op = kmnist_operator(20)
     y, std = add_gaussian_noise(op(x), rel=0.05, generator=g)
-    dip = fit_dip(op, y, tv_weight=1e-4, iterations=4000, lr=1e-3, generator=g, progress=False)
+    dip = fit_dip(y, op, tv_weight=1e-4, iterations=4000, lr=1e-3, generator=g, progress=False)
     return {"x": x, "op": op, "y": y, "std": std, "dip": dip}
 
 

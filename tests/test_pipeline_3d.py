@@ -30,7 +30,7 @@ def test_cone_sgd_em(tmp_path, n, lr):
     y, std = add_gaussian_noise(op(x), rel=0.05, generator=g)
     net = UNet(UNetConfig(ndim=3, channels=(4, 4), skip_channels=(0, 2)), generator=g)
     dip = fit_dip(
-        op, y, net=net, tv_weight=1e-4, iterations=20, lr=1e-2, generator=g, progress=False
+        y, op, net=net, tv_weight=1e-4, iterations=20, lr=1e-2, generator=g, progress=False
     )
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")

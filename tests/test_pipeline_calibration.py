@@ -24,8 +24,8 @@ def test_intervals_cover_at_nominal_rate():
     y, std = add_gaussian_noise(op(x), rel=0.05, generator=g)
     net = UNet(UNetConfig(channels=(4, 4), skip_channels=(0, 2), use_sigmoid=False), generator=g)
     dip = fit_dip(
-        op,
         y,
+        op,
         net=net.double(),
         tv_weight=1e-4,
         iterations=100,

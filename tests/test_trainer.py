@@ -47,8 +47,8 @@ def _gen(seed: int = 1) -> torch.Generator:
 # ------------------------------------------------------------------------------ quality
 def test_dip_tv_beats_fbp_by_3db_on_shepp_logan():
     op, x, y = _problem_2d(64, 20)
-    psnr_fbp = psnr(fbp(op, y), x)
-    res = fit_dip(op, y, tv_weight=1e-3, iterations=400, lr=3e-3, generator=_gen(), progress=False)
+    psnr_fbp = psnr(fbp(y, op), x)
+    res = fit_dip(y, op, tv_weight=1e-3, iterations=400, lr=3e-3, generator=_gen(), progress=False)
     psnr_dip = psnr(res.image, x)
     assert psnr_dip >= psnr_fbp + 3.0, (psnr_dip, psnr_fbp)
 
@@ -56,8 +56,8 @@ def test_dip_tv_beats_fbp_by_3db_on_shepp_logan():
 @pytest.mark.slow
 def test_dip_tv_beats_fbp_long_run_paper_lr():
     op, x, y = _problem_2d(64, 20)
-    psnr_fbp = psnr(fbp(op, y), x)
-    res = fit_dip(op, y, tv_weight=1e-3, iterations=3000, lr=1e-3, generator=_gen(), progress=False)
+    psnr_fbp = psnr(fbp(y, op), x)
+    res = fit_dip(y, op, tv_weight=1e-3, iterations=3000, lr=1e-3, generator=_gen(), progress=False)
     assert psnr(res.image, x) >= psnr_fbp + 5.0
 
 
@@ -67,11 +67,11 @@ def test_3d_cone_beam_dip_improves_over_fdk():
     op = RayTransform(vol, ConeBeam3D.default(vol, n_angles=8))
     x = shepp_logan_3d((n, n, n))
     y, _ = add_gaussian_noise(op(x), rel=0.05, generator=_gen(0))
-    psnr_fdk = psnr(fdk(op, y), x)
+    psnr_fdk = psnr(fdk(y, op), x)
     net = {"channels": (8, 8, 8), "skip_channels": (0, 4, 4), "use_sigmoid": False}
     # γ for a volume (docs/dip.md): 1e-3 held this fit at 108× the noise and 16.0 dB
     res = fit_dip(
-        op, y, net=net, tv_weight=1e-6, iterations=120, lr=3e-3, generator=_gen(), progress=False
+        y, op, net=net, tv_weight=1e-6, iterations=120, lr=3e-3, generator=_gen(), progress=False
     )
     assert res.image.shape == (n, n, n)
     # measured: FDK 15.7 dB, DIP 17.0 dB after 120 iterations (8 views, 5% noise)
@@ -87,10 +87,10 @@ def test_3d_cone_beam_dip_longer_run():
     y, _ = add_gaussian_noise(op(x), rel=0.05, generator=_gen(0))
     net = {"channels": (16, 16, 16), "skip_channels": (0, 4, 4), "use_sigmoid": False}
     res = fit_dip(
-        op, y, net=net, tv_weight=3e-4, iterations=400, lr=2e-3, generator=_gen(), progress=False
+        y, op, net=net, tv_weight=3e-4, iterations=400, lr=2e-3, generator=_gen(), progress=False
     )
     # measured: FDK 15.7 dB, DIP 16.6 dB
-    assert psnr(res.image, x) > psnr(fdk(op, y), x) + 0.5
+    assert psnr(res.image, x) > psnr(fdk(y, op), x) + 0.5
 
 
 # ------------------------------------------------------------------------------ selection
@@ -103,7 +103,7 @@ def test_returns_min_loss_iterate_not_last_nor_ground_truth_best():
 
     # a large step size makes the loss jump around, so the last iterate is not the best
     kw = dict(tv_weight=1e-3, iterations=40, lr=5e-2, init="noise", progress=False)
-    res = fit_dip(op, y, net=_tiny_net(), generator=_gen(), callback=record, **kw)
+    res = fit_dip(y, op, net=_tiny_net(), generator=_gen(), callback=record, **kw)
     losses = res.loss_history
     assert len(losses) == 40 and res.iterations_run == 40
     assert res.best_iteration == int(torch.argmin(losses))
@@ -119,7 +119,7 @@ def test_returns_min_loss_iterate_not_last_nor_ground_truth_best():
     expected = float(((op(img) - y) ** 2).sum() / y.numel() + 1e-3 * tv(img))
     assert res.best_loss == pytest.approx(expected, rel=1e-5)
     # a ground truth only adds logging; it never changes the selection
-    res_gt = fit_dip(op, y, net=_tiny_net(), generator=_gen(), ground_truth=x, log_every=10, **kw)
+    res_gt = fit_dip(y, op, net=_tiny_net(), generator=_gen(), ground_truth=x, log_every=10, **kw)
     assert res_gt.best_iteration == res.best_iteration
     assert torch.equal(res_gt.image, res.image)
     assert [m[0] for m in res_gt.metrics] == [0, 10, 20, 30, 39]
@@ -128,8 +128,8 @@ def test_returns_min_loss_iterate_not_last_nor_ground_truth_best():
 def test_deterministic_under_seed():
     op, _, y = _problem_2d(16, 8)
     kw = dict(tv_weight=1e-4, iterations=15, lr=1e-2, init="noise", progress=False)
-    a = fit_dip(op, y, net={"channels": (4, 4), "skip_channels": (0, 2)}, generator=_gen(5), **kw)
-    b = fit_dip(op, y, net={"channels": (4, 4), "skip_channels": (0, 2)}, generator=_gen(5), **kw)
+    a = fit_dip(y, op, net={"channels": (4, 4), "skip_channels": (0, 2)}, generator=_gen(5), **kw)
+    b = fit_dip(y, op, net={"channels": (4, 4), "skip_channels": (0, 2)}, generator=_gen(5), **kw)
     assert torch.equal(a.loss_history, b.loss_history)
     assert torch.equal(a.image, b.image)
 
@@ -143,7 +143,7 @@ class _Interrupt(Exception):
 def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, dropout):
     op, _, y = _problem_2d(16, 8)
     kw = dict(tv_weight=1e-3, iterations=30, lr=1e-2, init="noise", progress=False)
-    full = fit_dip(op, y, net=_tiny_net(dropout=dropout), generator=_gen(), **kw)
+    full = fit_dip(y, op, net=_tiny_net(dropout=dropout), generator=_gen(), **kw)
 
     def crash(it, loss, image):
         if it == 17:
@@ -152,8 +152,8 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, dropout):
     d = tmp_path / "ck"
     with pytest.raises(_Interrupt):
         fit_dip(
-            op,
             y,
+            op,
             net=_tiny_net(dropout=dropout),
             generator=_gen(),
             callback=crash,
@@ -165,8 +165,8 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, dropout):
     assert saved["iteration"] == 15  # the last completed checkpoint survived the crash
     # resume with a fresh (differently initialised) net and generator: state comes from disk
     res = fit_dip(
-        op,
         y,
+        op,
         net=_tiny_net(seed=99, dropout=dropout),
         generator=_gen(42),
         checkpoint_dir=d,
@@ -181,7 +181,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, dropout):
         assert torch.equal(p, q), k
     # resuming a finished run returns the same result without training
     again = fit_dip(
-        op, y, net=_tiny_net(dropout=dropout), generator=_gen(), checkpoint_dir=d, resume=True, **kw
+        y, op, net=_tiny_net(dropout=dropout), generator=_gen(), checkpoint_dir=d, resume=True, **kw
     )
     assert torch.equal(again.image, full.image)
 
@@ -202,8 +202,8 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_mod.torch, "save", flaky_save)
     with pytest.raises(KeyboardInterrupt):
         fit_dip(
-            op,
             y,
+            op,
             net=_tiny_net(),
             generator=_gen(),
             checkpoint_dir=tmp_path,
@@ -214,7 +214,7 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temp left behind
     # a process killed outright (SIGTERM) cannot clean up: the next run removes its leftover
     (tmp_path / f".{CHECKPOINT_NAME}.1a2b3c4d.tmp.pt").write_bytes(b"partial")
-    fit_dip(op, y, net=_tiny_net(), generator=_gen(), checkpoint_dir=tmp_path,
+    fit_dip(y, op, net=_tiny_net(), generator=_gen(), checkpoint_dir=tmp_path,
             checkpoint_every=5, resume=True, **kw)  # fmt: skip
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]
 
@@ -222,16 +222,16 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 def test_resume_refuses_a_different_problem(tmp_path):
     op, _, y = _problem_2d(16, 8)
     kw = dict(iterations=5, lr=1e-2, init="noise", progress=False, checkpoint_dir=tmp_path)
-    fit_dip(op, y, net=_tiny_net(), tv_weight=1e-3, **kw)
+    fit_dip(y, op, net=_tiny_net(), tv_weight=1e-3, **kw)
     with pytest.raises(CheckpointError, match="tv_weight"):
-        fit_dip(op, y, net=_tiny_net(), tv_weight=2e-3, resume=True, **kw)
+        fit_dip(y, op, net=_tiny_net(), tv_weight=2e-3, resume=True, **kw)
     with pytest.raises(CheckpointError, match="sinogram values differ"):
-        fit_dip(op, y * 1.1, net=_tiny_net(), tv_weight=1e-3, resume=True, **kw)
+        fit_dip(y * 1.1, op, net=_tiny_net(), tv_weight=1e-3, resume=True, **kw)
     with pytest.raises(CheckpointError, match="saturation barrier"):
-        fit_dip(op, y, net=_tiny_net(), tv_weight=1e-3, resume=True, saturation_barrier=6.0, **kw)
+        fit_dip(y, op, net=_tiny_net(), tv_weight=1e-3, resume=True, saturation_barrier=6.0, **kw)
     (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
-        fit_dip(op, y, net=_tiny_net(), tv_weight=1e-3, resume=True, **kw)
+        fit_dip(y, op, net=_tiny_net(), tv_weight=1e-3, resume=True, **kw)
 
 
 # ------------------------------------------------------------------------------ variants
@@ -239,7 +239,7 @@ def test_mcdo_variant_trains_and_samples():
     op, _, y = _problem_2d(16, 8)
     net = UNet.from_preset("small", dropout=0.05, generator=_gen(0))
     res = fit_dip(
-        op, y, net=net, tv_weight=1e-3, iterations=10, lr=1e-3, generator=_gen(), progress=False
+        y, op, net=net, tv_weight=1e-3, iterations=10, lr=1e-3, generator=_gen(), progress=False
     )
     s = mc_dropout_samples(res.net, res.input, 8, generator=_gen(3))
     assert s.shape == (8, 1, 1, 16, 16)
@@ -260,10 +260,10 @@ def test_stopping_rule_stops_when_variance_stops_falling():
 def test_stopping_rule_in_training_is_off_by_default_and_ends_runs():
     op, _, y = _problem_2d(16, 8)
     kw = dict(tv_weight=1e-3, iterations=60, lr=1e-2, init="noise", progress=False)
-    res = fit_dip(op, y, net=_tiny_net(), generator=_gen(), **kw)
+    res = fit_dip(y, op, net=_tiny_net(), generator=_gen(), **kw)
     assert res.iterations_run == 60 and not res.stopped_early
     rule = VarianceStopping(window=2, patience=1, every=1)
-    res = fit_dip(op, y, net=_tiny_net(), generator=_gen(), stopping=rule, **kw)
+    res = fit_dip(y, op, net=_tiny_net(), generator=_gen(), stopping=rule, **kw)
     assert res.stopped_early and res.iterations_run < 60
     assert len(res.loss_history) == res.iterations_run
 
@@ -288,7 +288,7 @@ def test_heldout_stopping_returns_the_lowest_heldout_iterate_and_stops():
 
     kw = dict(tv_weight=1e-3, iterations=400, lr=1e-2, progress=False, callback=log)
     rule = HeldOutStopping(op_h, y_h, every=1, patience=5)
-    res = fit_dip(op, y, net=_tiny_net(), generator=_gen(), stopping=rule, **kw)
+    res = fit_dip(y, op, net=_tiny_net(), generator=_gen(), stopping=rule, **kw)
     best = min(seen, key=seen.get)
     assert res.best_iteration == best == rule.best_at
     assert abs(float((op_h(res.image) - y_h).pow(2).mean()) - seen[best]) < 1e-6
@@ -304,7 +304,7 @@ def test_heldout_stopping_resumes_bit_for_bit(tmp_path):
     def rule():
         return HeldOutStopping(op_h, y_h, every=3, patience=1000)
 
-    full = fit_dip(op, y, net=_tiny_net(), generator=_gen(), stopping=rule(), **kw)
+    full = fit_dip(y, op, net=_tiny_net(), generator=_gen(), stopping=rule(), **kw)
 
     def crash(it, loss, image):
         if it == 23:
@@ -313,8 +313,8 @@ def test_heldout_stopping_resumes_bit_for_bit(tmp_path):
     d = tmp_path / "ck"
     with pytest.raises(_Interrupt):
         fit_dip(
-            op,
             y,
+            op,
             net=_tiny_net(),
             generator=_gen(),
             stopping=rule(),
@@ -324,8 +324,8 @@ def test_heldout_stopping_resumes_bit_for_bit(tmp_path):
             **kw,
         )
     res = fit_dip(
-        op,
         y,
+        op,
         net=_tiny_net(seed=5),
         generator=_gen(7),
         stopping=rule(),
@@ -344,14 +344,14 @@ def test_heldout_stopping_resumes_bit_for_bit(tmp_path):
 
 def test_init_options():
     op, _, y = _problem_2d(16, 8)
-    z = initial_input(op, y, "fbp")
-    assert torch.allclose(z[0, 0], fbp(op, y))
-    zb = initial_input(op, y, "backprojection")
+    z = initial_input(y, op, "fbp")
+    assert torch.allclose(z[0, 0], fbp(y, op))
+    zb = initial_input(y, op, "backprojection")
     c = float((zb[0, 0] * op.T(y)).sum() / op.T(y).pow(2).sum())
     # least-squares scale: A(c A^T y) is as close to y as any multiple
     for s in (0.9 * c, 1.1 * c):
         assert (op(zb[0, 0]) - y).norm() <= (op(s * op.T(y)) - y).norm()
-    zn = initial_input(op, y, "noise", generator=_gen(0))
+    zn = initial_input(y, op, "noise", generator=_gen(0))
     assert zn.shape == (1, 1, 16, 16) and 0 <= zn.min() and zn.max() <= 0.1
 
 
@@ -360,24 +360,24 @@ def test_bad_input_names_the_problem(tmp_path):
     op, _, y = _problem_2d(16, 8)
     kw = dict(tv_weight=1e-3, iterations=3, progress=False, net=_tiny_net())
     with pytest.raises(ValueError, match=r"sinogram shape \(8, 20\) does not match .* \(8, 23\)"):
-        fit_dip(op, y[:, :20], **kw)
+        fit_dip(y[:, :20], op, **kw)
     bad = y.clone()
     bad[2, 3] = math.nan
     with pytest.raises(ValueError, match="1 NaN or infinite"):
-        fit_dip(op, bad, **kw)
+        fit_dip(bad, op, **kw)
     with pytest.raises(ValueError, match="tv_weight"):
-        fit_dip(op, y, **{**kw, "tv_weight": -1.0})
+        fit_dip(y, op, **{**kw, "tv_weight": -1.0})
     for its in (0, -5, 2.5):
         with pytest.raises(ValueError, match="iterations must be a positive integer"):
-            fit_dip(op, y, **{**kw, "iterations": its})
+            fit_dip(y, op, **{**kw, "iterations": its})
     with pytest.raises(ValueError, match="resume=True needs a checkpoint_dir"):
-        fit_dip(op, y, resume=True, **kw)
+        fit_dip(y, op, resume=True, **kw)
     with pytest.raises(ValueError, match="init must be"):
-        fit_dip(op, y, init="zeros", **kw)
+        fit_dip(y, op, init="zeros", **kw)
     with pytest.raises(TypeError, match="domain_shape"):
-        fit_dip(object(), y, **kw)
+        fit_dip(y, object(), **kw)
     with pytest.raises(ValueError, match="ground_truth shape"):
-        fit_dip(op, y, ground_truth=torch.zeros(3, 3), **kw)
+        fit_dip(y, op, ground_truth=torch.zeros(3, 3), **kw)
 
 
 def test_edip_pretraining_learns_saves_and_is_reused(tmp_path):
@@ -402,7 +402,7 @@ def test_edip_pretraining_learns_saves_and_is_reused(tmp_path):
     for (k, p), q in zip(net.state_dict().items(), res.net.state_dict().values()):
         assert torch.equal(p, q), k
     # the saved file is reusable as the starting point of a DIP fit
-    fit = fit_dip(op, y, net=path, tv_weight=1e-3, iterations=3, lr=1e-4, progress=False)
+    fit = fit_dip(y, op, net=path, tv_weight=1e-3, iterations=3, lr=1e-4, progress=False)
     assert fit.net.config == net.config
     with pytest.raises(CheckpointError, match="checkpoint file not found"):
         load_pretrained(tmp_path / "none.pt")
@@ -412,8 +412,8 @@ def test_edip_pretraining_learns_saves_and_is_reused(tmp_path):
 
 def _dip_checkpoint(tmp_path, op, y):
     fit_dip(
-        op,
         y,
+        op,
         net=_tiny_net(),
         tv_weight=1e-3,
         iterations=2,
@@ -427,8 +427,8 @@ def _dip_checkpoint(tmp_path, op, y):
 def test_progress_bar_with_ground_truth_logging(capsys):
     op, x, y = _problem_2d(16, 8)
     res = fit_dip(
-        op,
         y,
+        op,
         net=_tiny_net(),
         tv_weight=1e-3,
         iterations=12,
@@ -446,8 +446,8 @@ def test_progress_bar_with_ground_truth_logging(capsys):
 def test_param_clamp_bounds_every_parameter():
     op, _, y = _problem_2d(16, 8)
     res = fit_dip(
-        op,
         y,
+        op,
         net=_tiny_net(),
         tv_weight=1e-3,
         iterations=10,
@@ -460,11 +460,11 @@ def test_param_clamp_bounds_every_parameter():
         torch.tensor(0.05)
     )
     free = fit_dip(
-        op, y, net=_tiny_net(), tv_weight=1e-3, iterations=10, lr=5e-2, init="noise", progress=False
+        y, op, net=_tiny_net(), tv_weight=1e-3, iterations=10, lr=5e-2, init="noise", progress=False
     )
     assert max(float(p.detach().abs().max()) for p in free.net.parameters()) > 0.05
     with pytest.raises(ValueError, match="param_clamp"):
-        fit_dip(op, y, net=_tiny_net(), tv_weight=0, iterations=1, param_clamp=-1.0)
+        fit_dip(y, op, net=_tiny_net(), tv_weight=0, iterations=1, param_clamp=-1.0)
 
 
 def test_vector_geometry_falls_back_to_backprojection_input():
@@ -475,11 +475,11 @@ def test_vector_geometry_falls_back_to_backprojection_input():
     op = RayTransform(vol, ConeVec3D(vectors=cone.to_vec(), det_shape=cone.det_shape))
     y = op(shepp_logan_3d((8, 8, 8)))
     with pytest.warns(UserWarning, match="scaled backprojection"):
-        z = initial_input(op, y, "fbp")
-    assert torch.allclose(z, initial_input(op, y, "backprojection"))
+        z = initial_input(y, op, "fbp")
+    assert torch.allclose(z, initial_input(y, op, "backprojection"))
     net = {"channels": (4, 4), "skip_channels": (0, 2)}
     with pytest.warns(UserWarning):
-        res = fit_dip(op, y, net=net, tv_weight=0.0, iterations=2, progress=False)
+        res = fit_dip(y, op, net=net, tv_weight=0.0, iterations=2, progress=False)
     assert res.image.shape == (8, 8, 8)
 
 
@@ -498,11 +498,11 @@ def test_saturation_barrier_revives_a_dead_sigmoid_output():
     pre-activations climb back towards the live range and the fit starts."""
     op, x, y = _problem_2d(16, 8)
     kw = dict(tv_weight=1e-4, iterations=200, lr=1e-2, generator=_gen(), progress=False)
-    stuck = fit_dip(op, y, net=_dead_net(), saturation_barrier=None, **kw)
+    stuck = fit_dip(y, op, net=_dead_net(), saturation_barrier=None, **kw)
     assert stuck.loss_history[0] == stuck.loss_history[-1]  # no gradient at all: frozen
     z = stuck.input
     assert stuck.net.saturated_fraction(z) == 1.0
-    alive = fit_dip(op, y, net=_dead_net(), **kw)
+    alive = fit_dip(y, op, net=_dead_net(), **kw)
     t = alive.net.pre_activation(z).detach()
     assert float(t.max()) > -15.0  # back inside the clamp: the data term acts again
     assert alive.best_loss < 0.5 * stuck.best_loss
@@ -516,7 +516,7 @@ def test_saturation_barrier_adds_its_penalty_to_the_loss_and_only_for_sigmoid_ne
 
     op, _, y = _problem_2d(16, 8)
     net = _dead_net()
-    z = initial_input(op, y, "fbp")
+    z = initial_input(y, op, "fbp")
     with torch.no_grad():
         t = net.pre_activation(z)
         img = net.activation(t).reshape(16, 16)
@@ -524,17 +524,17 @@ def test_saturation_barrier_adds_its_penalty_to_the_loss_and_only_for_sigmoid_ne
         expect = data + 1e-4 * float(tv(img, ndim=2))
         expect += 2e-3 * float(torch.relu(t.abs() - 7.0).pow(2).mean())
     res = fit_dip(
-        op, y, net=net, tv_weight=1e-4, iterations=1, saturation_barrier=7.0,
+        y, op, net=net, tv_weight=1e-4, iterations=1, saturation_barrier=7.0,
         saturation_weight=2e-3, progress=False,
     )  # fmt: skip
     assert float(res.loss_history[0]) == pytest.approx(expect, rel=1e-5)
     kw = dict(tv_weight=1e-4, iterations=20, lr=1e-2, generator=None, progress=False)
-    a = fit_dip(op, y, net=_tiny_net(use_sigmoid=False), **kw)
-    b = fit_dip(op, y, net=_tiny_net(use_sigmoid=False), saturation_barrier=None, **kw)
+    a = fit_dip(y, op, net=_tiny_net(use_sigmoid=False), **kw)
+    b = fit_dip(y, op, net=_tiny_net(use_sigmoid=False), saturation_barrier=None, **kw)
     assert torch.equal(a.loss_history, b.loss_history)
     for bad in (dict(saturation_barrier=0.0), dict(saturation_weight=-1.0)):
         with pytest.raises(ValueError, match="saturation"):
-            fit_dip(op, y, net=_tiny_net(), **{**kw, **bad})
+            fit_dip(y, op, net=_tiny_net(), **{**kw, **bad})
 
 
 def test_data_misfit_is_reported_and_exposes_an_over_weighted_tv():
@@ -544,7 +544,7 @@ def test_data_misfit_is_reported_and_exposes_an_over_weighted_tv():
     kw = dict(net=None, iterations=150, lr=3e-3, progress=False)
     res = {}
     for w in (1e-6, 1e-1):
-        res[w] = fit_dip(op, y, tv_weight=w, generator=_gen(), **{**kw, "net": _tiny_net()})
+        res[w] = fit_dip(y, op, tv_weight=w, generator=_gen(), **{**kw, "net": _tiny_net()})
         r = res[w]
         assert r.data_misfit == pytest.approx(float((op(r.image) - y).pow(2).mean()), rel=1e-5)
     assert res[1e-1].data_misfit > 2 * res[1e-6].data_misfit  # measured 1.84 vs 0.48

@@ -84,7 +84,7 @@ def pretrain_edip(
         y = torch.stack(
             [add_gaussian_noise(operator(xi), rel=noise_rel, generator=generator)[0] for xi in x]
         )
-        z = torch.stack([analytic_reconstruction(operator, yi) for yi in y])
+        z = torch.stack([analytic_reconstruction(yi, operator) for yi in y])
     x, z = x.unsqueeze(1), z.unsqueeze(1)  # (N, 1, *domain)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = torch.empty(int(iterations), dtype=torch.float64)

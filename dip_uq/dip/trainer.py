@@ -220,8 +220,8 @@ def _check_y(y: Any, range_shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def initial_input(
-    operator: Any,
     y: torch.Tensor,
+    operator: Any,
     init: str | torch.Tensor = "fbp",
     *,
     generator: torch.Generator | None = None,
@@ -247,7 +247,7 @@ def initial_input(
 
         try:
             with torch.no_grad():
-                return analytic_reconstruction(operator, y).reshape(1, 1, *domain).to(y.dtype)
+                return analytic_reconstruction(y, operator).reshape(1, 1, *domain).to(y.dtype)
         except TypeError as err:
             warnings.warn(
                 f"init='fbp' unavailable ({err}); using a scaled backprojection instead",
@@ -287,8 +287,8 @@ def _resolve_net(net: Any, ndim: int, generator: torch.Generator | None) -> nn.M
 
 # ------------------------------------------------------------------------------ training
 def fit_dip(
-    operator: Any,
     y: Any,
+    operator: Any,
     *,
     net: str | UNetConfig | dict | nn.Module | os.PathLike | None = None,
     tv_weight: float,
@@ -374,7 +374,7 @@ def fit_dip(
     model.train()
     for m in getattr(model, "dropout_layers", list)():
         m.generator = generator
-    z0 = initial_input(operator, y, init, generator=generator)
+    z0 = initial_input(y, operator, init, generator=generator)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     barrier = (

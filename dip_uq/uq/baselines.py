@@ -83,8 +83,8 @@ def dip_mcdo(
         net, ndim=ndim, generator=generator, dropout=dropout, **dict(net_overrides or {})
     )
     res = fit_dip(
-        operator,
         y,
+        operator,
         net=model,
         tv_weight=tv_weight,
         iterations=iterations,

@@ -104,9 +104,9 @@ class HeldOutSplit:
 
 
 def split_heldout(
-    operator: Any, y: torch.Tensor, fraction: float, *, seed: int = 0
+    y: torch.Tensor, operator: Any, fraction: float, *, seed: int = 0
 ) -> HeldOutSplit:
-    """Hold out ``fraction`` of the projection views of ``(operator, y)`` (see
+    """Hold out ``fraction`` of the projection views of the measurements ``y`` of ``operator`` (see
     :func:`holdout_views`); ``fraction = 0`` returns the whole problem as the fit part."""
     from operators.subset import select_views, take_views, view_axis
 

@@ -48,7 +48,7 @@ def _dense_svd(operator) -> tuple[torch.Tensor, torch.Tensor]:
     return U, s
 
 
-def discrepancy_rank(operator, y, noise_var: float, *, tau: float = 1.0) -> int:
+def discrepancy_rank(y, operator, noise_var: float, *, tau: float = 1.0) -> int:
     """Rank of the truncated-SVD reconstruction chosen by Morozov's discrepancy principle: the
     smallest ``k`` with ``‖y − A x_k‖² ≤ τ² n_obs σ²``, ``x_k`` the least-squares solution on
     the top ``k`` singular directions (``‖y − A x_k‖² = ‖y‖² − Σ_{j≤k} (u_jᵀ y)²``).
@@ -89,7 +89,7 @@ def backprojected_noise_delta(
     if (rank is None) == (rcond is None):
         raise ValueError(
             "backprojected_noise_delta: choose the truncation with exactly one of rank= "
-            "(e.g. discrepancy_rank(operator, y, noise_var)) or rcond="
+            "(e.g. discrepancy_rank(y, operator, noise_var)) or rcond="
         )
     if not (math.isfinite(noise_var) and noise_var > 0):
         raise ValueError(f"noise_var must be positive and finite, got {noise_var}")

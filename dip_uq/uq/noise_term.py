@@ -52,8 +52,8 @@ class NoiseTerm:
 
 
 def image_noise_term(
-    op: Any,
     y: torch.Tensor,
+    op: Any,
     noise_var: float,
     *,
     n_probes: int = 64,
@@ -82,7 +82,7 @@ def image_noise_term(
     diag: dict[str, Any] = {}
     if alpha is None:
         disc = discrepancy_tikhonov(
-            op, y, noise_var, tol=tol, max_iter=max_iter, generator=generator
+            y, op, noise_var, tol=tol, max_iter=max_iter, generator=generator
         )
         alpha = disc.alpha
         diag.update(

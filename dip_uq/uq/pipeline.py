@@ -107,7 +107,7 @@ def reconstruct_with_uncertainty(
     y = check_problem(y, operator)
     store = StageStore(checkpoint_dir, resume=resume)
     notes, timings = Notes(), {}
-    split = split_heldout(operator, y, float(cfg.holdout), seed=int(cfg.holdout_seed))
+    split = split_heldout(y, operator, float(cfg.holdout), seed=int(cfg.holdout_seed))
 
     t0 = time.perf_counter()
     d = dip_stage(split, cfg, dip, net_input, store, generator, progress)

@@ -150,7 +150,7 @@ def dip_stage(
     if isinstance(dip, DIPResult):
         net, z0, image, info = dip.net, dip.input, dip.image, {"source": "DIPResult"}
     elif isinstance(dip, nn.Module):
-        z0 = net_input if net_input is not None else initial_input(op, y, "fbp")
+        z0 = net_input if net_input is not None else initial_input(y, op, "fbp")
         with torch.no_grad():
             image = dip.eval()(z0)
         net, info = dip, {"source": "given network"}
@@ -166,7 +166,7 @@ def dip_stage(
             kw = {"checkpoint_dir": store.directory / "dip", "resume": store.resume}
         t0 = time.perf_counter()
         res = fit_dip(
-            op, y, stopping=stopping, generator=generator, progress=progress, **kw, **opts
+            y, op, stopping=stopping, generator=generator, progress=progress, **kw, **opts
         )
         net, z0, image = res.net, res.input, res.image
         info = {
@@ -503,8 +503,8 @@ def noise_stage(
         nt = NoiseTerm(**saved["term"])
     else:
         nt = image_noise_term(
-            split.fit_operator,
             y,
+            split.fit_operator,
             sigma2,
             n_probes=int(cfg.noise_probes),
             batch=int(cfg.sample_batch),
