@@ -5,11 +5,11 @@
     la.optimize_prior_precision(method="em")      # sample-based EM (+ noise σ² for regression)
     probs = la(x, link_approx="probit")           # regression: (mean, variance)
 
-The model is the engine's linear-Gaussian surrogate (methods §1): tangent model
+The model is the engine's linear-Gaussian surrogate (docs/methods.md §1): tangent model
 h(x; θ) = f(x; θ*) + J(x)(θ − θ*), prior θ ~ N(0, Σ) block-diagonal (one σ_b² per layer,
 one for all, or a g-prior θ = S w), curvature B_n at the network's outputs. Posterior
 precision H = M + Σ⁻¹ with M = Σ_n J_nᵀ B_n J_n. Samples z ~ N(0, H⁻¹) by
-sample-then-optimise over the loader (methods §2.1); predictive moments from J(x) z_k by
+sample-then-optimise over the loader (docs/methods.md §2.1); predictive moments from J(x) z_k by
 JVPs, so no Jacobian is ever formed (except by ``solver="exact"``, for small models).
 
 θ_lin is the mode of the *affine* tangent model with the prior centred at 0 (as in
@@ -26,6 +26,13 @@ import torch
 from torch import nn
 
 from .jacobian import FunctionalModel
+from .mstep import (
+    BlockGamma,
+    exact_gamma_from_precision,
+    mackay_update,
+    noise_update,
+    paired_block_gamma,
+)
 from .params import NORM_LAYERS, all_weights
 from .priors import BlockPrior
 from .solvers.exact import robust_cholesky
@@ -93,7 +100,7 @@ class Laplace(nn.Module):
         chunk_size: ``vmap`` chunk size for JVP/VJP over samples (bounds memory).
         generator: default generator for all random draws.
         newton_steps: at most this many damped Newton steps for the classification θ_lin.
-        curvature: classification only. ``"network"`` (default, methods pitfall 10): B_n at the
+        curvature: classification only. ``"network"`` (default, docs/methods.md §1): B_n at the
             network's logits f(x_n; θ*), as laplace-torch's GLM. ``"mode"``: B_n at the tangent
             model's logits f_n + J_n(θ_lin − θ*), i.e. the Laplace approximation of the
             linearised model at its own mode (Newton for θ_lin uses the curvature at each
@@ -311,7 +318,7 @@ class Laplace(nn.Module):
         self._dense = None
         self._chol_cache = None
         if self.prior_kind == "g-prior":
-            # Hutchinson estimate of diag M reusing the sample noise (methods §4)
+            # Hutchinson estimate of diag M reusing the sample noise (docs/methods.md §4)
             diag = (self.noise_t**2).mean(0) / self._noise_var()
             diag = diag + 1e-6 * diag.mean().clamp_min(torch.finfo(diag.dtype).tiny)
             self.prior.set_scale(diag.rsqrt().double())
@@ -536,7 +543,7 @@ class Laplace(nn.Module):
     ) -> dict[str, list]:
         """Fit the prior precisions (and σ² for regression).
 
-        ``"em"`` (scales): sample-based EM, methods §3, ``n_steps`` cycles, each one solve for
+        ``"em"`` (scales): sample-based EM, docs/methods.md §3, ``n_steps`` cycles, each one solve for
         θ_lin and the K samples (warm-started; fixed noise) and one statistics pass; MacKay
         updates σ_b² = ‖θ_lin,b‖²_{Σ_b⁻¹σ_b²}/γ_b with the function-space γ̂_b, and
         σ² = Σ‖y − ŷ_lin‖²/(n·m − γ). ``"marglik"``: maximise :meth:`log_marginal_likelihood`
@@ -561,6 +568,7 @@ class Laplace(nn.Module):
             "prior_precision": [],
             "sigma_noise": [],
             "gamma": [],
+            "unresolved": [],
             "residual": [],
             "converged": [],
         }
@@ -570,27 +578,28 @@ class Laplace(nn.Module):
                 info_m, info_s = self._solve_all(u_mode, u_samp)
             else:
                 info_m = info_s = SolveInfo(0, [], 0.0, True)
-            problem = self._problem()
             theta_lin, z = self.theta_lin, self.samples
-            gamma_b, ss = problem.em_statistics(z, theta_lin, sel.block_sum, per_block=nb > 1)
-            gamma_b = torch.minimum(gamma_b.clamp_min(1e-6), sizes)
-            gamma = float(gamma_b.sum().clamp(1.0, float(sel.d)))
+            g = self._block_gamma()
             with torch.no_grad():
                 var_old = prior.variances().double()
                 q_b = var_old * prior.block_quadratic(theta_lin[None].double())[0]
-                new_var = (q_b.sum() / gamma_b.sum()).expand(nb) if cycle < tied else q_b / gamma_b
+                new_var, gamma, unresolved = mackay_update(
+                    var_old, q_b, g, sizes, tied=cycle < tied, n_obs=n_obs
+                )
                 z_old, th_old = z, theta_lin  # not modified in place below
-                prior.set_variances(new_var.clamp_min(1e-30))
+                prior.set_variances(new_var)
                 if self.kind == "gaussian" and fit_noise:
+                    ss = self._problem().residual_ss(theta_lin)
                     floor = 1e-6 * ss / max(n_obs, 1) + 1e-30
-                    s2 = max(ss / max(n_obs - gamma, 1.0), floor)
-                    self.log_sigma2.fill_(math.log(s2))
+                    s2, _ = noise_update(ss, n_obs, gamma, g.total_se)
+                    self.log_sigma2.fill_(math.log(max(s2, floor)))
                 # warm starts: the same θ under the new prior
                 u_mode = self._Linv(th_old[None]).to(z.dtype)
                 u_samp = self._Linv(z_old).to(z.dtype)
             hist["prior_precision"].append(self.prior_precision.clone())
             hist["sigma_noise"].append(self.sigma_noise)
-            hist["gamma"].append(gamma_b.clone())
+            hist["gamma"].append(g.gamma.clone())
+            hist["unresolved"].append(unresolved.clone())
             hist["residual"].append(max(info_m.residual, info_s.residual))
             hist["converged"].append(info_m.converged and info_s.converged)
             if verbose:
@@ -599,8 +608,27 @@ class Laplace(nn.Module):
                     f"lambda={self.prior_precision.tolist()} sigma={self.sigma_noise:.4g}"
                 )
         self._solve_all(u_mode, u_samp)
+        if nb > 1 and bool(unresolved.any()) and n_cycles > tied:
+            blocks = unresolved.nonzero().flatten().tolist()
+            why = (
+                "have γ ≈ 0: the data do not use them, so the evidence is flat in their "
+                "precision (it grows without bound; the predictive is unaffected)"
+                if self.solver == "exact"
+                else f"have γ within 3 Monte-Carlo standard errors of zero with "
+                f"{self.n_samples} samples: they kept their variance (raise n_samples, or "
+                "use prior='scalar')"
+            )
+            warnings.warn(f"EM: prior block(s) {blocks} {why}", stacklevel=3)
         self.history = hist
         return hist
+
+    def _block_gamma(self) -> BlockGamma:
+        """γ_b at the current hyperparameters: exact from the dense factor (solver='exact'),
+        else the paired estimate from the fit's prior draws ξ and whitened samples u."""
+        if self.solver == "exact":
+            return exact_gamma_from_precision(self._dense_chol(), self.selection.block_sum)
+        u = self._Linv(self.samples)
+        return paired_block_gamma(self.xi, u, self.selection.block_sum)
 
     def _marglik(self, fit_noise: bool, rounds: int) -> dict[str, list]:
         params = [self.prior.log_variance]

@@ -1,4 +1,4 @@
-"""Linearised Laplace over a DataLoader: every quantity is a sum over minibatches (methods §2.1, §3).
+"""Linearised Laplace over a DataLoader: every quantity is a sum over minibatches (docs/methods.md §2.1, §3).
 
 The engine's :class:`~dip_uq.laplace.solvers.LinearSystem` holds all inputs; here the data
 stream through a loader and nothing of size ``n_data`` is kept. For a
@@ -55,7 +55,7 @@ class StreamingProblem:
         noise_var: σ² for Gaussian (a callable returning the current value).
         chunk_size: ``vmap`` chunk size for many directions (bounds memory).
         curvature_shift: softmax only; ``None`` evaluates B_n at the network's logits f_n
-            (methods pitfall 10), a ``(d,)`` tensor δ at the tangent model's logits
+            (docs/methods.md §1), a ``(d,)`` tensor δ at the tangent model's logits
             f_n + J_n δ (δ = θ_lin − θ*: the Laplace approximation of the linear model at its
             own mode). One extra JVP direction per batch.
     """
@@ -147,7 +147,7 @@ class StreamingProblem:
             return vmap(lambda c: fn(c)[0], chunk_size=self.chunk_size)(u)
 
     def curvature_mv(self, f: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """B u per datum for ``u`` ``(K, *f.shape)`` at the network's outputs f (pitfall 10)."""
+        """B u per datum for ``u`` ``(K, *f.shape)`` at the network's outputs f (docs/methods.md §1)."""
         if self.kind == "gaussian":
             return u / self.noise_var()
         p = torch.softmax(f, dim=-1).to(u.dtype)
@@ -241,32 +241,15 @@ class StreamingProblem:
             loss -= float(logp.gather(1, y[:, None]).sum())
         return loss
 
-    def em_statistics(
-        self, z: torch.Tensor, theta_lin: torch.Tensor, block_sum, per_block: bool
-    ) -> tuple[torch.Tensor, float]:
-        """γ per block ``(n_blocks,)`` (function-space estimator mean_k z_{k,b}ᵀ(M z_k)_b, or
-        the total mean_k Σ_n ‖J_n z_k‖²_{B_n} in one block) and the linear model's residual
-        sum of squares Σ_n ‖y_n − f_n − J_n(θ_lin − θ*)‖² (Gaussian; 0 otherwise)."""
-        k = z.shape[0]
-        extra = [] if self.shift is None else [self.shift[None].to(z.dtype)]
-        dirs = torch.cat([z, (theta_lin - self.theta)[None].to(z.dtype), *extra])
-        mz = torch.zeros_like(z)
-        total, ss = 0.0, 0.0
+    def residual_ss(self, theta_lin: torch.Tensor) -> float:
+        """Σ_n ‖y_n − f_n − J_n(θ_lin − θ*)‖², the tangent model's residual (Gaussian; one
+        pass, one JVP per batch)."""
+        ss = 0.0
+        direction = (theta_lin - self.theta)[None]
         for x, y in self.batches():
-            f, jv = self.output_and_jvp(x, dirs)
-            fc = f if self.shift is None else f + jv[k + 1].to(f.dtype)
-            bz = self.curvature_mv(fc, jv[:k])
-            if per_block:
-                mz += self.vjp(x, bz)
-            else:
-                total += float((jv[:k] * bz).sum()) / k
-            if self.kind == "gaussian":
-                ss += float(((y.reshape(f.shape) - f - jv[k]) ** 2).sum())
-        if per_block:
-            gamma = block_sum(z * mz).mean(0).double()
-        else:
-            gamma = torch.tensor([total], dtype=torch.float64, device=z.device)
-        return gamma, ss
+            f, jv = self.output_and_jvp(x, direction.to(self.dtype))
+            ss += float(((y.reshape(f.shape) - f - jv[0]) ** 2).sum())
+        return ss
 
     def dense(self) -> dict[str, torch.Tensor | float]:
         """Dense float64 M₁ ``(d, d)`` (Gaussian: Σ JᵀJ at unit noise; softmax: Σ Jᵀ B J) and,
@@ -354,7 +337,7 @@ def sgd_solve(
     """Nesterov SGD over the loader's minibatches for min_u ½ uᵀLᵀMLu + ½‖u − b‖² (K rows).
 
     Minibatch gradient (n/|batch|) Lᵀ M_batch L u + u − b is unbiased (no target noise: the
-    randomness is in b = u₀, methods §2.1). ``lr`` defaults to 0.5/(λ̂ + 1) with λ̂ a power
+    randomness is in b = u₀, docs/methods.md §2.1). ``lr`` defaults to 0.5/(λ̂ + 1) with λ̂ a power
     iteration estimate of λ_max((n/|batch|) Lᵀ M_batch L) on the first batch. Polyak averaging
     over the second half of the epochs. ``check`` computes the final full-pass residual."""
     u = b.clone() if init is None else init.to(b.dtype).clone()
