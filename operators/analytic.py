@@ -34,14 +34,11 @@ of period pi (parallel) or 2 pi (fan, cone; then halved for the double coverage)
 number of views, non-uniform spacing and full orbits in parallel beam are handled;
 redundant views (equal modulo the period) share their weight.
 
-Accuracy (float64, torch backend; ``tests/test_analytic.py``): a uniform disc reconstructs
-to its value within 0.1 % (parallel and fan, any voxel size); Shepp-Logan 256^2 reaches
-29.1 dB (parallel, 403 views) and 29.0 dB (fan, 540 views), against 28.7 / 28.8 dB for the
-textbook pixel-driven FBP with linear interpolation (the two differ by ~3 % in L2, mostly
-at edges); FDK on Shepp-Logan 64^3 with 180 views reaches 22.7 dB. Known limitation: the
-ray-driven transpose samples z at detector-row spacing, so with an even row count the two
-mid-plane slices (where the rows align with voxel centres for every view) come out ~2 %
-too bright in FDK; other slices are within ~0.5 %.
+Accuracy is tested in ``tests/test_analytic.py`` (a uniform disc reconstructs to its value,
+Shepp-Logan PSNR against a textbook pixel-driven FBP) and measured in
+``benchmarks/README.md``. Known limitation: the ray-driven transpose samples z at
+detector-row spacing, so with an even row count the two mid-plane slices (where the rows
+align with voxel centres for every view) come out slightly too bright in FDK.
 
 Filters are applied in the frequency domain on zero-padded data (length >= 2 n, a power of
 two); the ramp is the Fourier transform of the spatial-domain discrete Ram-Lak kernel

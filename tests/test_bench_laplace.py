@@ -45,19 +45,19 @@ def test_run_case_toy(bench, tmp_path):
         assert b["err"] == pytest.approx(rows[name]["final_err"], abs=1e-4), name
         assert b["time_s"] > 0 and b["peak_mb"] >= 0
     table = bench.markdown([res], threads=1)
-    assert table.startswith("## Linearised Laplace (issue 4)")
+    assert table.startswith("## Linearised Laplace: `laplace.py`")
     assert table.count("\n| toy |") == 7
 
 
 def test_readme_section_replaces_only_its_own(bench, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# Benchmarks\n\n## DIP\n\nlead's text\n\n## Operators\n\nmore\n")
-    bench.write_readme_section(readme, "## Linearised Laplace (issue 4)\n\nv1\n")
-    bench.write_readme_section(readme, "## Linearised Laplace (issue 4)\n\nv2\n")
+    bench.write_readme_section(readme, "## Linearised Laplace: `laplace.py`\n\nv1\n")
+    bench.write_readme_section(readme, "## Linearised Laplace: `laplace.py`\n\nv2\n")
     text = readme.read_text()
     assert "v1" not in text and text.count("v2") == 1
     assert "lead's text" in text and "## Operators\n\nmore" in text
-    bench.write_readme_section(tmp_path / "new.md", "## Linearised Laplace (issue 4)\n\nx\n")
+    bench.write_readme_section(tmp_path / "new.md", "## Linearised Laplace: `laplace.py`\n\nx\n")
     assert (tmp_path / "new.md").read_text().startswith("# Benchmarks\n")
 
 

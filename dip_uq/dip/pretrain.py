@@ -63,7 +63,7 @@ def pretrain_edip(
         net: as in ``fit_dip`` (default: the ``small`` preset).
         n_images: size of the simulated training set (generated once, up front).
         iterations: Adam steps; each uses ``batch_size`` images drawn from ``generator``.
-        noise_rel: relative Gaussian noise level of the simulated data (methods §9.3).
+        noise_rel: relative Gaussian noise level of the simulated data (docs/methods.md §5).
         value_scale: phantom values are in ``[0, value_scale]``; match your images' range.
         save_path: write the pretrained network there (atomically) when given.
     """

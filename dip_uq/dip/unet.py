@@ -166,7 +166,7 @@ class _Conv3d(nn.Conv3d):
     computes a 3x3x3 convolution as three 2D convolutions over depth-shifted slices.
 
     PyTorch's CPU conv3d falls back to a slow unfused kernel for small channel counts
-    (measured 5-10x slower than this decomposition at 8-20 channels on 32^3); with more
+    (slower than this decomposition at few channels; see benchmarks/README.md); with more
     channels its fused kernel wins, so it is used there. The result is the same map up to
     float rounding: ``out[:, :, d] = sum_dz conv2d(x_pad[:, :, s*d + dz], w[:, :, dz])``.
     """

@@ -1,4 +1,4 @@
-"""Model-agnostic linearised Laplace engine (methods §1-4, §7).
+"""Model-agnostic linearised Laplace engine (docs/methods.md §1-4, §7).
 
 Knows nothing about CT or U-Nets: it takes a torch model, a parameter selection, an
 observation model (Gaussian with an optional linear operator, or categorical) and a

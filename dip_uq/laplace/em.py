@@ -1,4 +1,4 @@
-"""Hyperparameters by sample-based EM (methods §3), and the exact type-II reference.
+"""Hyperparameters by sample-based EM (docs/methods.md §3), and the exact type-II reference.
 
 One cycle at the current (Σ, σ²):
   E-step (a) θ_lin = mode of the affine tangent model (prior mean 0), warm-started;

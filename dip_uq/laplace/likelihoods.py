@@ -1,4 +1,4 @@
-"""Observation models and their whitening maps (methods §1).
+"""Observation models and their whitening maps (docs/methods.md §1).
 
 Every likelihood exposes a *whitening* W with WᵀW = B (the GGN curvature in output space):
 the engine's core operator is G = W J, so the GGN is M = GᵀG and the whitened model has unit
@@ -99,7 +99,7 @@ class Categorical(nn.Module):
         self.register_buffer("chol", None)
 
     def setup(self, f_star: torch.Tensor, y: torch.Tensor) -> None:
-        """Store p = softmax(f(x; θ*)) (the network's logits, pitfall 10) and chol(B_n)."""
+        """Store p = softmax(f(x; θ*)) (the network's logits, docs/methods.md §1) and chol(B_n)."""
         if f_star.dim() != 2:
             raise ValueError(
                 f"categorical logits: expected shape (n, C), got {tuple(f_star.shape)}"

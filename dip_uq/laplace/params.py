@@ -22,7 +22,7 @@ __all__ = [
     "conv_weights",
 ]
 
-#: Normalisation layers whose affine parameters are excluded by default (pitfall 2).
+#: Normalisation layers whose affine parameters are excluded by default (docs/methods.md §5).
 NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,  # BatchNorm*d and InstanceNorm*d
     nn.GroupNorm,

@@ -1,4 +1,4 @@
-"""``LinearisedLaplace``: the public object of the engine (methods §1, §2, §7).
+"""``LinearisedLaplace``: the public object of the engine (docs/methods.md §1, §2, §7).
 
 The linear-Gaussian surrogate of a trained network f(x; θ*): tangent model
 h(x; θ) = f(x; θ*) + J(x)(θ − θ*), prior θ ~ N(0, Σ) (block-diagonal), likelihood curvature
@@ -8,7 +8,7 @@ Linear-model mode (documented choice): θ_lin is the mode of the *affine* tangen
 the prior centred at 0, θ_lin = argmin ½‖W(f* + J(θ − θ*)) − W y‖² + ½ θᵀΣ⁻¹θ, i.e. the
 posterior mean of the linear-Gaussian model with pseudo-targets y − A f* + A J θ*. Its exact
 evidence is log N(y − A f* + A J θ*; 0, A J Σ Jᵀ Aᵀ + σ² I), the quantity EM maximises; θ*
-never enters a ‖θ‖² term (methods §3, pitfall 1).
+never enters a ‖θ‖² term (docs/methods.md §3).
 """
 
 from __future__ import annotations
@@ -213,7 +213,7 @@ class LinearisedLaplace(nn.Module):
     def set_g_prior(
         self, method: str = "ggn", n_probes: int = 64, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Install the g-prior θ = S w, s_i = d_i^{-½} (methods §4); returns s ``(d,)``.
+        """Install the g-prior θ = S w, s_i = d_i^{-½} (docs/methods.md §4); returns s ``(d,)``.
 
         ``"ggn"``: d_i = M_ii, Hutchinson estimate mean_k (Gᵀε_k)_i², ε ~ N(0, I).
         ``"column_rms"`` (Gaussian): d_i = mean_j (A J)_ji², the observation-space column RMS².
@@ -269,7 +269,7 @@ class LinearisedLaplace(nn.Module):
             return self.system().dense_G() * lik.noise_var.double().sqrt()
 
     def fit_hyperparameters(self, **kwargs):
-        """Sample-based EM (methods §3); see :func:`dip_uq.laplace.em.fit_em` for options."""
+        """Sample-based EM (docs/methods.md §3); see :func:`dip_uq.laplace.em.fit_em` for options."""
         from .em import fit_em
 
         return fit_em(self, **kwargs)

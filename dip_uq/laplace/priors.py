@@ -1,4 +1,4 @@
-"""Block-diagonal Gaussian priors θ ~ N(0, Σ) over the selected parameters (methods §4).
+"""Block-diagonal Gaussian priors θ ~ N(0, Σ) over the selected parameters (docs/methods.md §4).
 
 Per block b (hyperparameters in log space, differentiable):
 - ``"normal"``: Σ_b = σ_b² I.

@@ -69,7 +69,7 @@ class Welford:
         return self.m2 / (self.count - 1 if unbiased else self.count)
 
     def second_moment(self) -> torch.Tensor:
-        """mean(x²): the variance estimator for samples known to have zero mean (methods §6)."""
+        """mean(x²): the variance estimator for samples known to have zero mean (docs/methods.md §6)."""
         if self.mean is None:
             raise ValueError("Welford: no samples")
         return self.sq

@@ -1,4 +1,4 @@
-"""Uncertainty baselines evaluated like the linearised DIP (methods §6).
+"""Uncertainty baselines evaluated like the linearised DIP (docs/methods.md §6.4).
 
 - :func:`dip_noise_baseline`: a point DIP reconstruction with the predictive N(x*, δI),
   δ = σ² mean diag((AᵀA)⁺_k) on the top-k singular directions (see

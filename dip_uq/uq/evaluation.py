@@ -54,7 +54,7 @@ def discrepancy_rank(y, operator, noise_var: float, *, tau: float = 1.0) -> int:
     the top ``k`` singular directions (``‖y − A x_k‖² = ‖y‖² − Σ_{j≤k} (u_jᵀ y)²``).
 
     These are the directions the data determine above the noise level: the subspace on which
-    the backprojected-noise correction δ is computed (methods §6). ``y`` has the operator's
+    the backprojected-noise correction δ is computed (docs/methods.md §6.4). ``y`` has the operator's
     range shape; ``noise_var`` is σ_y² (the true one in benchmarks with a ground truth).
     Returns the numerical rank when even that leaves a larger residual.
     """
@@ -77,7 +77,7 @@ def discrepancy_rank(y, operator, noise_var: float, *, tau: float = 1.0) -> int:
 def backprojected_noise_delta(
     operator, noise_var: float, *, rank: int | None = None, rcond: float | None = None
 ) -> float:
-    """δ = σ² mean diag((AᵀA)⁺_k) (methods §6): the voxel variance that white sinogram noise of
+    """δ = σ² mean diag((AᵀA)⁺_k) (docs/methods.md §6.4): the voxel variance that white sinogram noise of
     variance σ² = ``noise_var`` leaves in the least-squares reconstruction restricted to the
     top ``k`` singular directions of ``A`` (``mean diag = Σ_{j≤k} s_j⁻² / n_vox``).
 
@@ -130,7 +130,7 @@ def evaluate_uq(
     shrinkage: float = 0.0,
     levels: Sequence[float] = (0.5, 0.9, 0.95),
 ) -> dict:
-    """Every metric of methods §6 for a :class:`~dip_uq.UQResult` against ``ground_truth``.
+    """Every metric of docs/methods.md §6.4 for a :class:`~dip_uq.UQResult` against ``ground_truth``.
 
     Predictive: N(mean, Σ + δI) with Σ the result's dense ``covariance`` when present (exact
     test log-likelihood; scaled by the weights' variance scale, plus the other components on

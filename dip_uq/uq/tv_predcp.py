@@ -1,4 +1,4 @@
-"""Exact type-II hyperparameter optimisation for small problems (methods §5).
+"""Exact type-II hyperparameter optimisation for small problems (docs/methods.md §5).
 
 ``"mll"``: maximise the exact log evidence log N(ỹ; 0, A J Σ Jᵀ Aᵀ + σ² I) (dense, float64)
 by L-BFGS over the prior log variances (one shared value when ``tied``, else one per block),

@@ -1,4 +1,4 @@
-"""Observation-space Matheron samples with batched preconditioned CG (methods §2.2).
+"""Observation-space Matheron samples with batched preconditioned CG (docs/methods.md §2.2).
 
 z = Lξ + ΣGᵀα with (GΣGᵀ + I) α = ε − GLξ (whitened, unit noise). The preconditioner is a
 randomised Nyström approximation U Λ Uᵀ of GΣGᵀ (rank r + oversampling), inverted by

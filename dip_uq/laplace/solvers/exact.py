@@ -1,4 +1,4 @@
-"""Exact dense references (methods §2.4): float64, Cholesky with jitter escalation.
+"""Exact dense references (docs/methods.md §2.4): float64, Cholesky with jitter escalation.
 
 Primal when d ≤ n_obs (factor Ĝᵀ Ĝ + I, size d), dual otherwise (factor Ĝ Ĝᵀ + I, size
 n_obs). Both are ≥ I, so jitter is only a guard against round-off in huge problems.

@@ -1,4 +1,4 @@
-"""Stochastic dual descent (methods §2.3) on min_α ½ αᵀ(GΣGᵀ + I)α − αᵀc.
+"""Stochastic dual descent (docs/methods.md §2.3) on min_α ½ αᵀ(GΣGᵀ + I)α − αᵀc.
 
 Random blocks of data points (all their observations) give the gradient
 g = (n/B) Σ_{i∈I} e_i[((GΣGᵀ + I)α)_i − c_i]; Nesterov momentum at the look-ahead point and
@@ -39,7 +39,7 @@ def sample_sdd(
     """SDD samples θ = Lξ + ΣGᵀᾱ (or the mean with c = r).
 
     ``lr`` defaults to (B/n)/(λ_max(ĜĜᵀ) + 1); ``averaging`` r defaults to min(1, 100/T).
-    ``momentum``: ρ = 0.9 (methods §2.3); ``"auto"`` uses the conditioning-matched value of
+    ``momentum``: ρ = 0.9 (docs/methods.md §2.3); ``"auto"`` uses the conditioning-matched value of
     :func:`~.sgd.auto_momentum` with full batches (plain dual Nesterov), 0.9 with minibatches.
     ``batch_size`` counts data points (None = all: deterministic dual descent).
     ``callback(it, current)`` is called every ``check_every`` iterations with a function

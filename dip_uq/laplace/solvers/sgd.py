@@ -1,4 +1,4 @@
-"""Primal sample-then-optimise (methods §2.1), in prior-whitened coordinates θ = L u.
+"""Primal sample-then-optimise (docs/methods.md §2.1), in prior-whitened coordinates θ = L u.
 
 Each of the K samples minimises the low-variance objective
     ½ ‖Ĝ u − t‖² + ½ ‖u − u₀‖²,   u₀ = ξ + Ĝᵀ ε   (t = 0 for samples),
@@ -63,11 +63,9 @@ def sample_sgd(
 
     ``lr`` defaults to 1/(λ_max(ĜᵀĜ) + 1) (power iteration). ``momentum="auto"`` is the
     heavy-ball value for the objective's condition number κ = λ_max + 1 (its prior part is
-    the identity), (√κ − 1)/(√κ + 1) clipped to [0.9, 0.999]. Neither dominates: on a 12×12
-    DIP problem (κ ≈ 1e5) "auto" took the std from 25 % high to 0.02 % in 4000 steps where
-    0.9 did not; on the CT-like test problem with κ ≈ 3e6, 0.9 was 8× closer after 3000
-    steps; on the 28² benchmark neither reaches a 10 % variance map within the DIP fit's
-    time (DIP Jacobians have κ ~ 1e5-1e6; a preconditioner is what is missing).
+    the identity), (√κ − 1)/(√κ + 1) clipped to [0.9, 0.999]. Neither dominates on every
+    problem (benchmarks/README.md compares them); on DIP Jacobians (κ ~ 1e5-1e6) the
+    Ritz preconditioner matters more than either.
     ``batch_size`` counts data
     points (None = full batch). ``init`` is a warm start for u ``(K, d)`` (default: ξ for
     samples, 0 for the mean). Stops when the
