@@ -24,7 +24,6 @@ import os
 import warnings
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,8 @@ from torch import nn
 from operators.base import check_operator
 
 from ..io.atomic import remove_stale_temporaries
-from .checkpoint import CheckpointError, atomic_save, clone_state, load_checkpoint
-from .tv import tv
+from .checkpoint import CheckpointError, load_checkpoint
+from .run import CHECKPOINT_FORMAT, DIPResult, DIPRun, Settings
 from .unet import UNetConfig, build_unet
 
 __all__ = [
@@ -53,39 +52,6 @@ CHECKPOINT_NAME = "dip_checkpoint.pt"
 #: output ``image`` (shape of the volume) at the parameters the loss was evaluated at.
 #: Returning ``True`` stops training (the best iterate so far is returned).
 Callback = Callable[[int, float, torch.Tensor], bool | None]
-
-
-@dataclass
-class DIPResult:
-    """What :func:`fit_dip` returns.
-
-    Attributes:
-        image: the reconstruction at the best iterate, shape ``volume.shape`` (for an
-            MC-dropout net: the training-mode output, one dropout draw; use
-            ``mc_dropout_samples`` for the MC mean).
-        net: the network with the best parameters loaded (eval mode).
-        loss_history: training loss per iteration (float64, length ``iterations_run``).
-        best_iteration: index of the lowest loss in ``loss_history``.
-        best_loss: that loss.
-        input: the fixed network input ``z0``, shape ``(1, 1, *volume.shape)``.
-        iterations_run: iterations done (< ``iterations`` when stopped early).
-        stopped_early: a callback or the stopping rule ended training.
-        metrics: ``(iteration, psnr, ssim)`` rows, only when a ground truth was given.
-        data_misfit: (1/d_y) ‖A image − y‖² at the best iterate, to hold against the noise
-            variance σ_y²: far above it the fit is over-regularised or unfinished (a TV
-            weight too large for the volume's size, docs/dip.md), far below it over-fitted.
-    """
-
-    image: torch.Tensor
-    net: nn.Module
-    loss_history: torch.Tensor
-    best_iteration: int
-    best_loss: float
-    input: torch.Tensor
-    iterations_run: int
-    stopped_early: bool = False
-    metrics: list[tuple[int, float, float]] = field(default_factory=list)
-    data_misfit: float = math.nan
 
 
 class VarianceStopping:
@@ -277,6 +243,17 @@ def _check_scalars(tv_weight: float, iterations: int, lr: float, clip: float | N
         raise ValueError(f"clip_grad_norm must be positive or None, got {clip!r}")
 
 
+def _check_options(barrier, weight, clamp, checkpoint_every) -> None:
+    if barrier is not None and not (math.isfinite(barrier) and barrier > 0):
+        raise ValueError(f"saturation_barrier must be positive or None, got {barrier!r}")
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"saturation_weight must be >= 0, got {weight!r}")
+    if clamp is not None and not (math.isfinite(clamp) and clamp > 0):
+        raise ValueError(f"param_clamp must be positive and finite, got {clamp!r}")
+    if int(checkpoint_every) < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+
+
 def _resolve_net(net: Any, ndim: int, generator: torch.Generator | None) -> nn.Module:
     if isinstance(net, os.PathLike) or (isinstance(net, str) and net.endswith(".pt")):
         from .pretrain import load_pretrained
@@ -312,10 +289,10 @@ def fit_dip(
     """Fit a deep image prior to the measurements ``y`` of ``operator``.
 
     Args:
+        y: measured sinogram of shape ``range_shape``, finite.
         operator: a linear operator with ``op(x)``, ``op.T(y)``, ``domain_shape`` (volume,
             ``(H, W)`` or ``(D, H, W)``) and ``range_shape`` (sinogram), e.g. a
             ``RayTransform``. It must be differentiable in ``x`` (autograd).
-        y: measured sinogram of shape ``range_shape``, finite.
         net: ``None`` (the ``small`` preset), a preset name, a :class:`UNetConfig` / dict,
             a ready module (trained in place: pass a copy to keep yours), or the path of a
             pretrained network (``.pt`` from :func:`~dip_uq.dip.pretrain.pretrain_edip`).
@@ -335,12 +312,9 @@ def fit_dip(
             held-out residual.
         saturation_barrier, saturation_weight: for a U-Net with an output sigmoid, add
             ``saturation_weight * mean_v relu(|t_v| - saturation_barrier)^2`` over its
-            pre-activations ``t`` to the loss (``None``: off; no effect without a sigmoid).
-            The sigmoid's slope is below 1e-4 beyond |t| = 9.2 and zero beyond its ±15
-            clamp: a voxel pushed there gets no gradient again, and on zero-background images
-            small features are lost that way (docs/dip.md). The barrier keeps every voxel
-            where the data can still move it; the output it allows differs from 0 or 1 by
-            at most sigmoid(-8) = 3.4e-4.
+            pre-activations ``t`` to the loss (``None``: off; no effect without a sigmoid):
+            it keeps every voxel where the data can still move it (a saturated sigmoid
+            passes no gradient; docs/dip.md), within sigmoid(-8) = 3.4e-4 of 0 or 1.
         ground_truth: only for logging PSNR/SSIM every ``log_every`` iterations.
         progress: show a tqdm progress bar (loss; PSNR/SSIM with a ground truth).
 
@@ -350,18 +324,9 @@ def fit_dip(
     domain, rng = _check_operator(operator)
     y = _check_y(y, rng)
     _check_scalars(tv_weight, iterations, lr, clip_grad_norm)
-    if saturation_barrier is not None and not (
-        math.isfinite(saturation_barrier) and saturation_barrier > 0
-    ):
-        raise ValueError(f"saturation_barrier must be positive or None, got {saturation_barrier!r}")
-    if not (math.isfinite(saturation_weight) and saturation_weight >= 0):
-        raise ValueError(f"saturation_weight must be >= 0, got {saturation_weight!r}")
-    iterations = int(iterations)
-    if int(checkpoint_every) < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    _check_options(saturation_barrier, saturation_weight, param_clamp, checkpoint_every)
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs a checkpoint_dir")
-    ndim = len(domain)
     gt = None
     if ground_truth is not None:
         gt = torch.as_tensor(ground_truth).detach().to("cpu", torch.float64)
@@ -370,186 +335,31 @@ def fit_dip(
                 f"ground_truth shape {tuple(gt.shape)} does not match the volume {domain}"
             )
 
-    model = _resolve_net(net, ndim, generator).to(device=y.device, dtype=y.dtype)
+    model = _resolve_net(net, len(domain), generator).to(device=y.device, dtype=y.dtype)
     model.train()
     for m in getattr(model, "dropout_layers", list)():
         m.generator = generator
     z0 = initial_input(y, operator, init, generator=generator)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
     barrier = (
         saturation_barrier is not None
         and saturation_weight > 0
         and bool(getattr(getattr(model, "config", None), "use_sigmoid", False))
         and hasattr(model, "pre_activation")
     )
-    d_y = y.numel()
-    selecting = bool(getattr(stopping, "selects", False))
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if ckpt_path is not None:
         remove_stale_temporaries(ckpt_path)  # a write killed mid-way (SIGTERM) left one
-
-    start = 0
-    losses = torch.empty(iterations, dtype=torch.float64)
-    best_loss, best_it = math.inf, -1
-    best_state: dict[str, torch.Tensor] | None = None
-    best_image: torch.Tensor | None = None
-    metrics: list[tuple[int, float, float]] = []
-    stopped = False
-    if param_clamp is not None:
-        if not (math.isfinite(param_clamp) and param_clamp > 0):
-            raise ValueError(f"param_clamp must be positive and finite, got {param_clamp!r}")
-        with torch.no_grad():  # the constraint holds from the first evaluated iterate on
-            for p in params:
-                p.clamp_(-param_clamp, param_clamp)
+    barrier_opts = (saturation_barrier, saturation_weight) if barrier else None
+    settings = Settings(float(tv_weight), float(lr), int(iterations), barrier_opts,
+                        clip_grad_norm, param_clamp, int(checkpoint_every), int(log_every))  # fmt: skip
+    run = DIPRun(operator, y, model, z0, settings, stopping=stopping, generator=generator,
+                 checkpoint=ckpt_path, ground_truth=gt)  # fmt: skip
     if resume and ckpt_path is not None and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path, map_location=y.device)
-        _check_resumable(ck, ckpt_path, y, tv_weight, lr, iterations, model)
-        theirs = ck.get("barrier")
-        ours = [saturation_barrier, saturation_weight] if barrier else None
-        if theirs != ours:
-            raise CheckpointError(
-                f"{ckpt_path}: cannot resume this run: saturation barrier {ours} vs {theirs}"
-            )
-        model.load_state_dict(ck["net"])
-        opt.load_state_dict(ck["optimizer"])
-        z0 = ck["input"].to(device=y.device, dtype=y.dtype)
-        start = int(ck["iteration"])
-        losses[:start] = ck["losses"][:start]
-        best_loss, best_it = float(ck["best_loss"]), int(ck["best_iteration"])
-        best_state, best_image = ck["best_state"], ck["best_image"]
-        metrics = [tuple(r) for r in ck["metrics"]]
-        stopped = bool(ck["stopped"])
-        if generator is not None and ck.get("generator") is not None:
-            generator.set_state(ck["generator"])
-        if stopping is not None and ck.get("stopping") is not None:
-            stopping.load_state_dict(ck["stopping"])
-
-    def save(done: int) -> None:
-        if ckpt_path is None:
-            return
-        atomic_save(
-            {
-                "format": "dip-uq/dip-checkpoint/1",
-                "net": model.state_dict(),
-                "net_config": model.config.to_dict() if hasattr(model, "config") else None,
-                "optimizer": opt.state_dict(),
-                "input": z0,
-                "iteration": done,
-                "iterations": iterations,
-                "losses": losses[:done].clone(),
-                "best_loss": best_loss,
-                "best_iteration": best_it,
-                "best_state": best_state,
-                "best_image": best_image,
-                "metrics": [list(r) for r in metrics],
-                "stopped": stopped,
-                "generator": generator.get_state() if generator is not None else None,
-                "stopping": stopping.state_dict() if stopping is not None else None,
-                "tv_weight": float(tv_weight),
-                "lr": float(lr),
-                "barrier": [saturation_barrier, saturation_weight] if barrier else None,
-                "y_shape": list(y.shape),
-                "y_checksum": float(y.double().sum()),
-            },
-            ckpt_path,
-        )
-
-    bar = None
-    if progress and not stopped and start < iterations:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=iterations, initial=start, desc="DIP", leave=False, dynamic_ncols=True)
-    done = start
-    try:
-        for it in range(start, iterations) if not stopped else ():
-            opt.zero_grad(set_to_none=True)
-            if barrier:
-                t = model.pre_activation(z0)
-                out = model.activation(t)
-            else:
-                out = model(z0)
-            x = out.reshape(domain)
-            residual = operator(x) - y
-            loss = residual.pow(2).sum() / d_y
-            if tv_weight > 0:
-                loss = loss + tv_weight * tv(x, ndim=ndim)
-            if barrier:
-                excess = torch.relu(t.abs() - saturation_barrier)
-                loss = loss + saturation_weight * excess.pow(2).mean()
-            loss.backward()
-            value = loss.item()  # the one host sync per step: needed for best tracking
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"DIP loss became {value} at iteration {it}; lower lr or check the data scale"
-                )
-            losses[it] = value
-            if selecting:
-                better = stopping.due(it) and stopping.record(it, x)
-            else:
-                better = value < best_loss
-            if better:
-                best_loss, best_it = value, it
-                best_state = clone_state(model.state_dict())
-                best_image = x.detach().clone()
-            if clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(params, clip_grad_norm)
-            opt.step()
-            if param_clamp is not None:
-                with torch.no_grad():
-                    for p in params:
-                        p.clamp_(-param_clamp, param_clamp)
-            if gt is not None and (it % log_every == 0 or it == iterations - 1):
-                metrics.append(_quality(it, x, gt))
-            if bar is not None:
-                bar.update(1)
-                if it % log_every == 0:
-                    post = {"loss": f"{value:.4g}"}
-                    if metrics:
-                        post.update(psnr=f"{metrics[-1][1]:.2f}", ssim=f"{metrics[-1][2]:.3f}")
-                    bar.set_postfix(post, refresh=False)
-            stop = False
-            if callback is not None:
-                stop = bool(callback(it, value, x.detach()))
-            if stopping is not None:
-                stop = stopping.update(it, x) or stop
-            done = it + 1
-            if stop:
-                stopped = True
-                break
-            if done % checkpoint_every == 0 and done < iterations:
-                save(done)
-        if done > start:
-            save(done)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    if best_state is None:
-        raise RuntimeError("no iteration was run, nothing to return")
-    model.load_state_dict(best_state)
-    model.eval()
-    with torch.no_grad():
-        misfit = float((operator(best_image) - y).pow(2).sum()) / d_y
-    return DIPResult(
-        image=best_image,
-        net=model,
-        loss_history=losses[:done].clone(),
-        best_iteration=best_it,
-        best_loss=best_loss,
-        input=z0,
-        iterations_run=done,
-        stopped_early=stopped,
-        metrics=metrics,
-        data_misfit=misfit,
-    )
-
-
-def _quality(it: int, x: torch.Tensor, gt: torch.Tensor) -> tuple[int, float, float]:
-    from ..metrics import psnr, ssim
-
-    xd = x.detach().to("cpu", torch.float64)
-    return (it, psnr(xd, gt), ssim(xd, gt))
+        _check_resumable(ck, ckpt_path, y, tv_weight, lr, int(iterations), model)
+        run.restore(ck)
+    run.run(callback, progress)
+    return run.result()
 
 
 def _check_resumable(
@@ -561,7 +371,7 @@ def _check_resumable(
     iterations: int,
     model: nn.Module,
 ) -> None:
-    if ck.get("format") != "dip-uq/dip-checkpoint/1":
+    if ck.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a DIP checkpoint (format {ck.get('format')!r})")
     problems = []
     if list(y.shape) != list(ck["y_shape"]):
