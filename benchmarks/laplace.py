@@ -350,9 +350,9 @@ def solver_run(case: Case, solver: str, path: Path, ref_path: Path, em: bool = T
         mon(0, lambda: z)
         em_opts = None
     elif solver == "cg":
-        res = la.sample(K, "cg", noise=noise, tol=1e-6, max_iter=500, callback=mon)
+        res = la.sample(K, "cg", noise=noise, tol=1e-6, iterations=500, callback=mon)
         it = mon.hit[0] if mon.hit else res.iterations
-        em_opts = {"tol": 1e-12, "max_iter": max(it, 1)}
+        em_opts = {"tol": 1e-12, "iterations": max(it, 1)}
     elif solver in ("sgd", "sdd", "sgd-lowrank"):
         kw = {"averaging": 1.0} if solver == "sdd" else {}
         if solver == "sgd":  # plain sgd, the methods' algorithm (the engine default is "auto")
@@ -464,7 +464,7 @@ def run_case(
                 e = call("em", solver=s, setting=r["setting"])
                 r["em_cycle_s"], r["em_peak_mb"] = e["em_cycle_s"], e["peak_mb"]
         if case.sample_batch is not None and s in ("cg", "sgd-lowrank") and r["reached"]:
-            setting = dict(r["setting"]) if s != "cg" else {"tol": 0.0, "max_iter": r["iterations"]}
+            setting = dict(r["setting"]) if s != "cg" else {"tol": 0.0, "iterations": r["iterations"]}
             b = call("batched", solver=s, setting=setting)
             r["batched"] = {
                 **b,
@@ -499,7 +499,7 @@ def run_case(
 
 
 def _em_setting(row: dict) -> dict:
-    return {"tol": 1e-12, "max_iter": max(int(row["iterations"]), 1)}
+    return {"tol": 1e-12, "iterations": max(int(row["iterations"]), 1)}
 
 
 def em_cycle(case: Case, solver: str, path: Path, setting: dict) -> dict:

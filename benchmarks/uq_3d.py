@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--solver", default="cg", choices=("cg", "sgd", "sdd"))
     p.add_argument(
         "--solver-opts",
-        default='{"max_iter": 30, "tol": 0.01, "precond_rank": 0}',
+        default='{"iterations": 30, "tol": 0.01, "precond_rank": 0}',
         help="JSON dict passed to the solver",
     )
     p.add_argument(

@@ -233,7 +233,7 @@ def test_cg_em_builds_one_preconditioner_per_cycle_with_unchanged_results(monkey
         return real(*a, **k)
 
     monkeypatch.setattr(cg, "nystrom_preconditioner", counting)
-    opts = {"tol": 1e-8, "max_iter": 200, "precond_rank": 20}
+    opts = {"tol": 1e-8, "iterations": 200, "precond_rank": 20}
     hists = []
     for extra in ({}, {"precond": None}):  # None: let every solve build its own
         la = ct_like(side=10, n_meas=60, channels=4, noise=0.1, prior_variance=0.05)
@@ -259,7 +259,7 @@ def test_cg_em_builds_one_preconditioner_per_cycle_with_unchanged_results(monkey
 @pytest.mark.parametrize(
     "solver,opts",
     [
-        ("cg", {"tol": 1e-10, "max_iter": 300, "precond_rank": 20}),
+        ("cg", {"tol": 1e-10, "iterations": 300, "precond_rank": 20}),
         ("sgd", {"iterations": 150, "tol": 0.0, "precond": "lowrank", "precond_rank": 40}),
     ],
 )
@@ -339,7 +339,7 @@ def test_em_refreshing_the_preconditioner_builds_once_and_lands_on_the_same_fixe
             n_samples=8,
             solver="cg",
             generator=torch.Generator().manual_seed(0),
-            solver_opts={"tol": 1e-10, "max_iter": 300, "precond_rank": 20},
+            solver_opts={"tol": 1e-10, "iterations": 300, "precond_rank": 20},
             refresh_preconditioner=refresh,
         )
         h.builds = len(calls)

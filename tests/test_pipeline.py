@@ -233,7 +233,7 @@ def test_non_convergence_is_recorded_in_the_result(problem):
             em_samples=4,
             solver="cg",
             n_samples=4,
-            solver_opts={"max_iter": 1, "tol": 1e-12, "precond_rank": 0},
+            solver_opts={"iterations": 1, "tol": 1e-12, "precond_rank": 0},
             generator=torch.Generator().manual_seed(0),
             progress=False,
         )

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .solvers import draw_noise, get_solver, with_prebuilt_preconditioner
-from .solvers.cg import refreshed_preconditioner
-from .solvers.exact import dense_factors, exact_block_gamma
+from .solvers import draw_noise, get_solver, make_solver
+from .solvers.registry import Solver
 
 __all__ = ["EMHistory", "fit_em", "maximise_evidence"]
 
@@ -47,7 +46,8 @@ class EMHistory:
     iterations: list[tuple[int, int]] = field(default_factory=list)  # (mode, samples) per cycle
     #: σ² step per cycle: "mackay" (r²/(n_obs − γ̂)) or "floored" (denominator at its floor)
     noise_update: list[str] = field(default_factory=list)
-    #: cg's preconditioner of the last cycle (with ``refresh_preconditioner``), for reuse
+    #: the solver's :attr:`~dip_uq.laplace.solvers.Solver.refreshable` of the last cycle
+    #: (cg's preconditioner, with ``refresh_preconditioner``), for reuse
     preconditioner: object = field(default=None, repr=False, compare=False)
 
 
@@ -55,7 +55,7 @@ def fit_em(
     la,
     n_cycles: int = 10,
     n_samples: int = 256,
-    solver: str = "cg",
+    solver: str | Solver = "cg",
     *,
     estimator: str = "function",
     tied_cycles: int | None = None,
@@ -73,18 +73,22 @@ def fit_em(
     """Run ``n_cycles`` of EM on ``la`` (a :class:`LinearisedLaplace`, Gaussian likelihood),
     updating its prior variances (and noise variance, Matérn lengthscales) in place.
 
+    ``solver`` is a name or a :class:`~dip_uq.laplace.solvers.Solver`, made once with
+    ``solver_opts`` (:func:`~dip_uq.laplace.solvers.make_solver`: unknown options raise).
     ``tied_cycles`` defaults to ``min(2, n_cycles // 2)`` when there are several blocks.
     ``noise_floor`` is relative to mean(y²). ``sample_batch`` solves the ``n_samples``
     draws that many at a time (same draws, same result; the peak memory of a smaller batch):
     only the M-step statistics (γ̂ per block, Matérn tap moments) and the warm starts are
-    kept across batches. ``refresh_preconditioner`` (cg): build the Nyström preconditioner
-    in the first cycle only and rescale it to each later cycle's hyperparameters with one
-    batched kernel product (:func:`~dip_uq.laplace.solvers.cg.refreshed_preconditioner`):
-    exact for a tied scale change, approximate when lengthscales move, which costs CG
-    iterations but never accuracy. ``noise_margin``: the denominator of MacKay's
-    σ² = r²/(n_obs − γ̂) is floored at that many Monte-Carlo standard errors of γ̂ (from
-    the spread of the per-sample estimates; exact γ has none), so estimator noise near
-    γ ≈ n_obs cannot blow σ² up; ``hist.noise_update`` records "floored" where it acted.
+    kept across batches. Every cycle shares one
+    :meth:`~dip_uq.laplace.solvers.Solver.precondition` between its mode and sample solves.
+    ``refresh_preconditioner`` (cg; the other solvers build as usual): build the Nyström
+    preconditioner in the first cycle only and rescale it to each later cycle's
+    hyperparameters with one batched kernel product
+    (:func:`~dip_uq.laplace.solvers.cg.refreshed_preconditioner`): exact for a tied scale
+    change, approximate when lengthscales move, which costs CG iterations but never accuracy.
+    ``noise_margin``: the denominator of MacKay's σ² = r²/(n_obs − γ̂) is floored at that
+    many Monte-Carlo standard errors of γ̂ (from the spread of the per-sample estimates;
+    exact γ has none), so estimator noise near γ ≈ n_obs cannot blow σ² up; ``hist.noise_update`` records "floored" where it acted.
     ``on_cycle(state)`` is called after every cycle with what a resume needs besides the
     hyperparameters in ``la`` (cycle count, history, warm starts, the generator's state at
     the start of EM); ``resume_from=state`` (with ``la``'s hyperparameters restored by the
@@ -96,145 +100,159 @@ def fit_em(
     lik = la._gaussian("EM")
     if estimator not in ("function", "weight", "exact"):
         raise ValueError(f"unknown estimator {estimator!r}; use 'function', 'weight' or 'exact'")
-    if estimator == "exact" and solver != "exact":
+    engine = make_solver(solver, **(solver_opts or {}))
+    if estimator == "exact" and not engine.exact_traces:
         raise ValueError("estimator='exact' needs solver='exact'")
     if n_cycles < 1:
         raise ValueError(f"n_cycles must be >= 1, got {n_cycles}")
-    opts = dict(solver_opts or {})
-    solve = get_solver(solver)
-    prior, sel = la.prior, la.selection
-    nb = sel.n_blocks
+    prior = la.prior
     if tied_cycles is None:
-        tied_cycles = min(2, n_cycles // 2) if nb > 1 else 0
-    sizes = sel.block_sizes().to(prior.log_variance.device).double()
+        tied_cycles = min(2, n_cycles // 2) if la.selection.n_blocks > 1 else 0
     system = la.system()
     floor = noise_floor * float((la.targets.double() ** 2).mean().clamp_min(1e-30))
-    if (
-        resume_from is not None
-        and generator is not None
-        and resume_from.get("generator") is not None
-    ):
-        generator.set_state(resume_from["generator"])
+    if generator is not None and (resume_from or {}).get("generator") is not None:
+        generator.set_state(resume_from["generator"])  # the same probes as the first run
     gen_start = generator.get_state() if generator is not None else None
     noise = draw_noise(system, n_samples, generator) if estimator != "exact" else None
-    hist = EMHistory()
-    mode_init, sample_init, first = None, None, 0
-    if resume_from is not None:
-        first = int(resume_from["cycle"])
-        if not 0 <= first <= n_cycles:
-            raise ValueError(f"resume_from is at cycle {first}, outside 0..n_cycles={n_cycles}")
-        hist = EMHistory(**resume_from["history"])
-        mode_init, sample_init = resume_from["mode_init"], resume_from["sample_init"]
+    hist, mode_init, sample_init, first = _resumed(resume_from, n_cycles)
     batch = n_samples if sample_batch is None else int(sample_batch)
     if batch < 1:
         raise ValueError(f"sample_batch must be >= 1, got {sample_batch}")
     matern = [b for b, k in enumerate(prior.kinds) if k == "matern"]
+    need_moments = bool(matern and update_lengthscale)
+    sampling = dict(estimator=estimator, noise=noise, batch=batch, n_samples=n_samples)
+    sampling.update(generator=generator, need_moments=need_moments)
 
     for _cycle in range(first, n_cycles):
-        target = la.whitened_targets(system)
-        factors = dense_factors(system) if solver == "exact" else None
-        kw = {"factors": factors} if solver == "exact" else opts
-        if solver == "cg" and refresh_preconditioner and hist.preconditioner is not None:
-            kw = {**opts, "precond": refreshed_preconditioner(system, hist.preconditioner)}
-        elif solver in ("cg", "sgd"):
-            # one preconditioner per cycle: the mode and sample solves share the
-            # hyperparameters, and with the same (default fixed-seed) probes it is the one
-            # each solve would have built, so the results are unchanged
-            kw = with_prebuilt_preconditioner(system, solver, opts)
-        if solver == "cg" and refresh_preconditioner:
-            hist.preconditioner = kw.get("precond")
-        mode_res = solve(system, 1, target=target, init=mode_init, **kw)
-        theta_lin = mode_res.samples[0]
-        if estimator == "exact":
-            gamma_b = exact_block_gamma(system, factors)
-            stats, sample_res = None, None
-            if matern and update_lengthscale:
-                # the lengthscale step needs the posterior's tap moments: exact draws from the
-                # dense factors (γ stays exact; only the moments carry Monte-Carlo error)
-                draws = solve(system, n_samples, generator, factors=factors).samples
-                stats = {"moments": prior.second_moments(draws)}
+        # one preconditioner (exact: dense factors) per cycle for the mode and sample solves;
+        # its default probes are fixed-seed: the one each solve would build, same results
+        if refresh_preconditioner:
+            active = engine.refresh(system, hist.preconditioner)
+            hist.preconditioner = active.refreshable
         else:
-            stats, sample_res, sample_init = _sample_statistics(
-                system,
-                solve,
-                kw,
-                noise,
-                sample_init,
-                batch,
-                estimator,
-                solver,
-                need_moments=bool(matern and update_lengthscale),
-            )
-            gamma_b = stats["gamma_b"]
-        # The total γ is clipped after summing: clipping each block at 0 first would turn
-        # the estimator's zero-mean noise in poorly determined blocks into a positive bias
-        # (σ² too small with few samples). Clipped to [1, d], not d − 1: with well-determined
-        # weights γ → d and the clip would bias σ² away from the evidence maximiser. Also
-        # γ ≤ rank M ≤ n_obs: unconverged samples can overshoot it, and σ² = r²/(n_obs − γ)
-        # must stay finite (the caller sees the raw γ_b in the history and can warn).
-        gamma = float(gamma_b.sum().clamp(1.0, float(max(1, min(sel.d, system.n_obs - 1)))))
-        unresolved = _unresolved_blocks(
-            gamma_b, stats if estimator != "exact" else None, noise_margin
+            active = engine.precondition(system)
+        solve = get_solver(active)
+        mode_res = solve(system, 1, target=la.whitened_targets(system), init=mode_init)
+        theta_lin = mode_res.samples[0]
+        gamma_b, mc, sample_res, moments, sample_init = _e_step_samples(
+            system, active, solve, sample_init, **sampling
         )
-        gamma_b = torch.minimum(gamma_b.clamp_min(1e-6), sizes)  # per-block updates only
-
-        with torch.no_grad():
-            var_old = prior.variances().double()
-            q_b = var_old * prior.block_quadratic(theta_lin[None])[0].double()
-            if _cycle < tied_cycles:
-                new_var = (q_b.sum() / gamma).expand(nb)
-            else:
-                new_var = q_b / gamma_b
-                if unresolved is not None:
-                    new_var = torch.where(unresolved, var_old, new_var)
-            resid = la.targets - la.linear_prediction(theta_lin)
-            r2 = float((resid.double() ** 2).sum())
-            n_obs = system.n_obs
-            se = stats.get("gamma_se", 0.0) if stats is not None else 0.0
-            # γ̂ within its Monte-Carlo error of n_obs (a DIP that fits its data): r²/(n_obs − γ̂)
-            # is then a ratio of two small numbers, and a few units of error in γ̂ sent σ² up
-            # 1000x on a protocol image. The denominator is floored at noise_margin standard
-            # errors of γ̂ (estimated from the per-sample spread; exact γ has none).
-            denom = max(n_obs - gamma, noise_margin * se, 1.0)
-            new_noise = r2 / denom
-            how = "mackay" if denom == max(n_obs - gamma, 1.0) else "floored"
-        if matern and update_lengthscale and stats is not None:
-            _lengthscale_mstep(prior, theta_lin, stats["moments"], matern)
+        gamma_b, new_var, new_noise, how = _m_step(
+            la, system, theta_lin, gamma_b, mc, _cycle < tied_cycles, noise_margin
+        )
+        if need_moments:
+            _lengthscale_mstep(prior, theta_lin, moments, matern)
         prior.set_variances(new_var.clamp_min(1e-30).to(prior.log_variance.dtype))
         if update_noise:
             lik.set_noise_var(max(new_noise, floor))
-
-        # warm starts for the next cycle
-        if solver == "sgd":
-            mode_init = prior.sqrt_inv_mv(theta_lin[None]).detach()
-        elif solver in ("cg", "sdd"):
-            mode_init = mode_res.state.get("alpha")
-        hist.prior_variance.append(prior.variances().detach().clone())
-        hist.lengthscale.append(prior.lengthscales().detach().clone())
-        hist.noise_var.append(float(lik.noise_var))
-        hist.gamma.append(gamma_b.detach().clone())
-        hist.mode_residual.append(mode_res.residual)
-        hist.sample_residual.append(sample_res.residual if sample_res is not None else 0.0)
-        hist.converged.append(mode_res.converged and (sample_res is None or sample_res.converged))
-        hist.noise_update.append(how)
-        hist.iterations.append(
-            (mode_res.iterations, sample_res.iterations if sample_res is not None else 0)
-        )
+        # warm start for the next cycle (sgd: u = L⁻¹θ_lin under the new prior)
+        mode_init = active.warm_start(prior, mode_res, theta_lin[None])
+        _record(hist, la, gamma_b, mode_res, sample_res, how)
         if on_cycle is not None:
-            on_cycle(
-                {
-                    "cycle": _cycle + 1,
-                    "generator": gen_start,
-                    "history": {
-                        f.name: list(getattr(hist, f.name))
-                        for f in fields(hist)
-                        if f.name != "preconditioner"
-                    },
-                    "mode_init": mode_init,
-                    "sample_init": sample_init,
-                }
-            )
+            on_cycle(_snapshot(_cycle + 1, gen_start, hist, mode_init, sample_init))
     return hist
+
+
+def _snapshot(cycle: int, gen_start, hist: EMHistory, mode_init, sample_init) -> dict:
+    """What ``resume_from`` needs besides the hyperparameters: the cycle count, the
+    generator's state at the start of EM, the history (without the preconditioner, which
+    stays in memory) and the warm starts."""
+    return {
+        "cycle": cycle,
+        "generator": gen_start,
+        "history": {
+            f.name: list(getattr(hist, f.name)) for f in fields(hist) if f.name != "preconditioner"
+        },
+        "mode_init": mode_init,
+        "sample_init": sample_init,
+    }
+
+
+def _e_step_samples(
+    system, active, solve, inits, *, estimator, noise, batch, n_samples, generator, need_moments
+):
+    """E-step (b): returns (γ̂_b, the Monte-Carlo statistics of :func:`_sample_statistics`
+    or None for exact γ, the combined sample result or None, the prior's tap moments of the
+    draws or None, the next cycle's sample warm starts)."""
+    if estimator != "exact":
+        mc, sample_res, inits = _sample_statistics(
+            system, active, solve, noise, inits, batch, estimator, need_moments
+        )
+        return mc["gamma_b"], mc, sample_res, mc["moments"], inits
+    moments = None
+    if need_moments:
+        # the lengthscale step needs the posterior's tap moments: exact draws from the
+        # dense factors (γ stays exact; only the moments carry Monte-Carlo error)
+        draws = solve(system, n_samples, generator).samples
+        moments = system.prior.second_moments(draws)
+    return active.block_gamma(system), None, None, moments, inits
+
+
+def _resumed(resume_from: dict | None, n_cycles: int):
+    """(history, mode warm start, sample warm starts, first cycle) to continue from
+    ``resume_from`` (a fresh start when None)."""
+    if resume_from is None:
+        return EMHistory(), None, None, 0
+    first = int(resume_from["cycle"])
+    if not 0 <= first <= n_cycles:
+        raise ValueError(f"resume_from is at cycle {first}, outside 0..n_cycles={n_cycles}")
+    hist = EMHistory(**resume_from["history"])
+    return hist, resume_from["mode_init"], resume_from["sample_init"], first
+
+
+def _m_step(la, system, theta_lin, gamma_b, mc, tied: bool, noise_margin: float):
+    """MacKay's updates from θ_lin and γ̂_b (``mc``: the Monte-Carlo statistics of
+    :func:`_sample_statistics`, None for exact γ): returns (γ_b clipped per block, new
+    σ_b² ``(n_blocks,)``, new σ², "mackay" or "floored"). Changes nothing in ``la``."""
+    prior, sel = la.prior, la.selection
+    sizes = sel.block_sizes().to(prior.log_variance.device).double()
+    # The total γ is clipped after summing: clipping each block at 0 first would turn
+    # the estimator's zero-mean noise in poorly determined blocks into a positive bias
+    # (σ² too small with few samples). Clipped to [1, d], not d − 1: with well-determined
+    # weights γ → d and the clip would bias σ² away from the evidence maximiser. Also
+    # γ ≤ rank M ≤ n_obs: unconverged samples can overshoot it, and σ² = r²/(n_obs − γ)
+    # must stay finite (the caller sees the raw γ_b in the history and can warn).
+    gamma = float(gamma_b.sum().clamp(1.0, float(max(1, min(sel.d, system.n_obs - 1)))))
+    unresolved = _unresolved_blocks(gamma_b, mc, noise_margin)
+    gamma_b = torch.minimum(gamma_b.clamp_min(1e-6), sizes)  # per-block updates only
+
+    with torch.no_grad():
+        var_old = prior.variances().double()
+        q_b = var_old * prior.block_quadratic(theta_lin[None])[0].double()
+        if tied:
+            new_var = (q_b.sum() / gamma).expand(sel.n_blocks)
+        else:
+            new_var = q_b / gamma_b
+            if unresolved is not None:
+                new_var = torch.where(unresolved, var_old, new_var)
+        resid = la.targets - la.linear_prediction(theta_lin)
+        r2 = float((resid.double() ** 2).sum())
+        n_obs = system.n_obs
+        se = mc.get("gamma_se", 0.0) if mc is not None else 0.0
+        # γ̂ within its Monte-Carlo error of n_obs (a DIP that fits its data): r²/(n_obs − γ̂)
+        # is then a ratio of two small numbers, and a few units of error in γ̂ sent σ² up
+        # 1000x on a protocol image. The denominator is floored at noise_margin standard
+        # errors of γ̂ (estimated from the per-sample spread; exact γ has none).
+        denom = max(n_obs - gamma, noise_margin * se, 1.0)
+        new_noise = r2 / denom
+        how = "mackay" if denom == max(n_obs - gamma, 1.0) else "floored"
+    return gamma_b, new_var, new_noise, how
+
+
+def _record(hist: EMHistory, la, gamma_b, mode_res, sample_res, how: str) -> None:
+    """Append the cycle's hyperparameters and solver diagnostics to ``hist``."""
+    prior = la.prior
+    hist.prior_variance.append(prior.variances().detach().clone())
+    hist.lengthscale.append(prior.lengthscales().detach().clone())
+    hist.noise_var.append(float(la.likelihood.noise_var))
+    hist.gamma.append(gamma_b.detach().clone())
+    hist.mode_residual.append(mode_res.residual)
+    hist.sample_residual.append(sample_res.residual if sample_res is not None else 0.0)
+    hist.converged.append(mode_res.converged and (sample_res is None or sample_res.converged))
+    hist.noise_update.append(how)
+    hist.iterations.append(
+        (mode_res.iterations, sample_res.iterations if sample_res is not None else 0)
+    )
 
 
 def _unresolved_blocks(gamma_b, stats, margin):
@@ -252,14 +270,14 @@ def _unresolved_blocks(gamma_b, stats, margin):
     return mask if bool(mask.any()) else None
 
 
-def _sample_statistics(system, solve, kw, noise, inits, batch, estimator, solver, need_moments):
+def _sample_statistics(system, active, solve, noise, inits, batch, estimator, need_moments):
     """E-step (b) in batches of ``batch`` draws: returns (stats, combined result, warm starts).
 
     stats: ``gamma_b`` = mean_k of the per-sample block estimates (function space: block sums
     of z ⊙ GᵀG z; weight space: d_b − z_bᵀΣ_b⁻¹z_b), ``gamma_per_sample`` those estimates
     ``(n, n_blocks)``, ``gamma_se`` the standard error of their total, ``moments`` = the prior's tap moments of z (Matérn
-    lengthscale step). Warm starts for the next cycle: sgd keeps u = L⁻¹z per batch (so the
-    same z under the new prior), cg/sdd the dual α.
+    lengthscale step). ``solve`` is ``active``'s sampling callable. Warm starts for the next
+    cycle: ``active.warm_start`` per batch (sgd: u = L⁻¹z, cg/sdd: the dual α).
     """
     from .solvers import Noise, SolverResult
 
@@ -271,7 +289,7 @@ def _sample_statistics(system, solve, kw, noise, inits, batch, estimator, solver
         sl = slice(start, min(start + batch, n))
         part = Noise(noise.xi[sl], noise.eps[sl])
         init = inits[i] if inits is not None else None
-        res = solve(system, part.xi.shape[0], noise=part, init=init, **kw)
+        res = solve(system, part.xi.shape[0], noise=part, init=init)
         z = res.samples
         with torch.no_grad():
             if estimator == "function":
@@ -287,10 +305,7 @@ def _sample_statistics(system, solve, kw, noise, inits, batch, estimator, solver
                 else:
                     mom["diag"] = mom["diag"] + m["diag"] * k
                     mom["filters"] = [a + f * k for a, f in zip(mom["filters"], m["filters"])]
-            if solver == "sgd":
-                next_inits.append(prior.sqrt_inv_mv(z).detach())  # same z, next prior
-            elif solver in ("cg", "sdd"):
-                next_inits.append(res.state.get("alpha"))
+            next_inits.append(active.warm_start(prior, res, z))
         residual, converged = max(residual, res.residual), converged and res.converged
         its = max(its, res.iterations)
         del z, res

@@ -22,7 +22,7 @@ from torch import nn
 from .jacobian import FunctionalModel
 from .likelihoods import Categorical, Gaussian
 from .priors import BlockPrior
-from .solvers import LinearSystem, Noise, SolverResult, get_solver
+from .solvers import LinearSystem, Noise, Solver, SolverResult, make_solver
 from .solvers.exact import robust_cholesky
 from .stats import SampleBank, Welford
 
@@ -121,18 +121,20 @@ class LinearisedLaplace(nn.Module):
 
     # ---- solvers ---------------------------------------------------------------------
     def linear_mode(
-        self, solver: str = "cg", *, init: torch.Tensor | None = None, **opts
+        self, solver: str | Solver = "cg", *, init: torch.Tensor | None = None, **opts
     ) -> SolverResult:
-        """θ_lin (affine tangent model, prior mean 0) by ``solver``; ``.samples[0]`` is θ_lin."""
+        """θ_lin (affine tangent model, prior mean 0) by ``solver`` (a name or a
+        :class:`~dip_uq.laplace.solvers.Solver`, with ``opts`` as its options);
+        ``.samples[0]`` is θ_lin."""
         system = self.system()
-        return get_solver(solver)(
-            system, 1, target=self.whitened_targets(system), init=init, **opts
+        return make_solver(solver, **opts).sample(
+            system, 1, target=self.whitened_targets(system), init=init
         )
 
     def sample(
         self,
         n: int,
-        solver: str = "exact",
+        solver: str | Solver = "exact",
         generator: torch.Generator | None = None,
         *,
         noise: Noise | None = None,
@@ -141,9 +143,11 @@ class LinearisedLaplace(nn.Module):
         """``n`` zero-mean posterior weight samples z ~ N(0, H⁻¹) ``(n, d)`` with diagnostics.
 
         Posterior weight samples are θ* + z (the predictive mean is f(x; θ*)). ``solver``:
-        ``exact``, ``sgd``, ``cg`` or ``sdd``; extra options go to the solver.
+        ``exact``, ``sgd``, ``cg`` or ``sdd``, or a :class:`~dip_uq.laplace.solvers.Solver`;
+        ``opts`` are its options (:func:`~dip_uq.laplace.solvers.make_solver`: an unknown
+        one raises ``ValueError``).
         """
-        return get_solver(solver)(self.system(), n, generator, noise=noise, **opts)
+        return make_solver(solver, **opts).sample(self.system(), n, generator, noise=noise)
 
     def functional_samples(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """J(x) z for samples ``z`` ``(K, d)`` -> ``(K, *f(x).shape)`` (x defaults to the inputs)."""
@@ -155,7 +159,7 @@ class LinearisedLaplace(nn.Module):
         self,
         x: torch.Tensor | None = None,
         n_samples: int = 256,
-        solver: str = "cg",
+        solver: str | Solver = "cg",
         generator: torch.Generator | None = None,
         *,
         batch_size: int = 64,
@@ -167,15 +171,14 @@ class LinearisedLaplace(nn.Module):
         Returns a tensor of shape ``f(x).shape`` (the DIP: the voxelwise variance map). When a
         ``bank`` is given, the weight samples are added to it (save/resume it yourself).
         """
-        from .solvers import with_prebuilt_preconditioner
-
         acc = Welford()
         done = 0
+        solver = make_solver(solver, **opts)
         if n_samples > batch_size:  # one preconditioner for all batches (same hyperparameters)
-            opts = with_prebuilt_preconditioner(self.system(), solver, opts)
+            solver = solver.precondition(self.system())
         while done < n_samples:
             k = min(batch_size, n_samples - done)
-            res = self.sample(k, solver, generator, **opts)
+            res = self.sample(k, solver, generator)
             if bank is not None:
                 bank.add(res.samples)
             acc.update(self.functional_samples(res.samples, x))
@@ -186,7 +189,7 @@ class LinearisedLaplace(nn.Module):
         self,
         x: torch.Tensor,
         n_samples: int = 256,
-        solver: str = "cg",
+        solver: str | Solver = "cg",
         generator: torch.Generator | None = None,
         **opts,
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,11 +19,14 @@ from typing import Any
 
 import torch
 
+from ..laplace.solvers.registry import SOLVERS as _SOLVER_REGISTRY
+from ..laplace.solvers.registry import make_solver
+
 __all__ = ["UQConfig", "DIPConfig", "PRIORS", "HYPER_MODES", "SOLVERS", "ESTIMATORS"]
 
 PRIORS = ("matern", "normal", "g-prior")
 HYPER_MODES = ("em", "mll", "tv-map", "fixed")
-SOLVERS = ("cg", "exact", "sgd", "sdd")
+SOLVERS = tuple(sorted(_SOLVER_REGISTRY))  # the registered posterior solvers
 ESTIMATORS = ("function", "weight", "exact")
 DTYPES = ("float32", "float64")
 #: TV weight per voxel at 28×28 (docs/methods.md §5), scaled by 784 / n_voxels by default
@@ -111,8 +114,9 @@ class UQConfig:
     ``em_cycles``, ``em_samples``, ``em_solver`` (``None``: ``solver``), ``em_estimator``
     (``None``: exact with the exact solver, else function-space), ``tv_weight`` and
     ``tv_scale`` of the TV-PredCP hyperprior. Samples: ``solver`` (:data:`SOLVERS`),
-    ``solver_opts``, ``n_samples``, ``sample_batch``, ``reuse_preconditioner``,
-    ``keep_samples``, ``exact_covariance``. Predictive: ``noise_term``, ``noise_probes``,
+    ``solver_opts`` (the options of ``solver`` and of the EM solver, checked against the
+    solver registry: :func:`~dip_uq.laplace.solvers.make_solver`), ``n_samples``,
+    ``sample_batch``, ``reuse_preconditioner``, ``keep_samples``, ``exact_covariance``. Predictive: ``noise_term``, ``noise_probes``,
     ``calibration`` (:data:`dip_uq.uq.calibration.CALIBRATION_MODES`).
     """
 
@@ -174,7 +178,7 @@ class UQConfig:
         _positive_int("em_samples", self.em_samples)
         _choice("em_solver", self.em_solver, (*SOLVERS, None))
         _choice("em_estimator", self.em_estimator, (*ESTIMATORS, None))
-        if self.em_estimator == "exact" and self.resolved_em_solver != "exact":
+        if self.em_estimator == "exact" and not self._em_exact_traces:
             raise ValueError("em_estimator='exact' needs the exact solver (em_solver='exact')")
         if self.tv_weight is not None:
             _nonnegative("tv_weight", self.tv_weight)
@@ -182,6 +186,11 @@ class UQConfig:
         _choice("solver", self.solver, SOLVERS)
         if not isinstance(self.solver_opts, dict):
             raise TypeError(f"solver_opts must be a dict, got {type(self.solver_opts).__name__}")
+        for name in dict.fromkeys((self.solver, self.resolved_em_solver)):
+            try:  # the options of every solver that runs with them, by its registry entry
+                make_solver(name, **self.solver_opts)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"solver_opts: {err}") from None
         _positive_int("n_samples", self.n_samples)
         _positive_int("sample_batch", self.sample_batch)
         for name in ("reuse_preconditioner", "keep_samples", "exact_covariance", "noise_term"):
@@ -211,7 +220,13 @@ class UQConfig:
     def resolved_estimator(self) -> str:
         if self.em_estimator is not None:
             return self.em_estimator
-        return "exact" if self.resolved_em_solver == "exact" else "function"
+        return "exact" if self._em_exact_traces else "function"
+
+    @property
+    def _em_exact_traces(self) -> bool:
+        """Whether the EM solver gives exact traces (the registry's ``exact_traces``)."""
+        cls = _SOLVER_REGISTRY.get(self.resolved_em_solver)
+        return cls is not None and cls.exact_traces
 
     # ------------------------------------------------------------------ copies and files
     def replace(self, **overrides: Any) -> UQConfig:

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import NonFiniteError
 from ..laplace import LinearisedLaplace, Welford
-from ..laplace.solvers import dense_factors, with_prebuilt_preconditioner
+from ..laplace.solvers import SOLVERS, Solver, make_solver
 from .calibration import HeldOutSplit, calibrate_on_heldout
 from .config import UQConfig
 from .linearised import hyper_state, load_hyper_state, sgd_momentum
@@ -93,22 +93,26 @@ def _guarded(stage: str, fn, *args, **kwargs):
         raise
 
 
-def _precond_fallback(call, solver: str, opts: dict):
-    """Run ``call(opts)``; when cg's Nyström preconditioner fails its Cholesky (round-off on a
-    nearly rank-deficient kernel), warn and rerun without it."""
+def _precond_fallback(call, solver: Solver) -> tuple[Any, Solver]:
+    """``(call(solver), solver)``; when the solver's preconditioner fails its factorisation
+    (cg's Nyström Cholesky: round-off on a nearly rank-deficient kernel), warn and rerun with
+    :meth:`~dip_uq.laplace.solvers.Solver.without_preconditioner`, returned for later calls."""
     try:
-        return call(opts)
+        return call(solver), solver
     except torch.linalg.LinAlgError as err:
-        if solver != "cg" or opts.get("precond_rank", 200) == 0:
+        plain = solver.without_preconditioner()
+        if plain is None:
             raise
+        old = solver.options_dict()
+        changed = ", ".join(
+            f"{k}={v!r}" for k, v in plain.options_dict().items() if v is not old[k]
+        )
         warnings.warn(
-            f"cg: the Nyström preconditioner failed ({err}); continuing without it "
-            "(precond_rank=0)",
+            f"{solver.name}: the preconditioner failed ({err}); continuing without it ({changed})",
             RuntimeWarning,
             stacklevel=3,
         )
-        opts.update(precond_rank=0)
-        return call(opts)
+        return call(plain), plain
 
 
 def _progress(*, total: int, initial: int, enabled: bool, desc: str):
@@ -208,15 +212,24 @@ def _em_settings(cfg: UQConfig, dtype: torch.dtype, views: list[int]) -> dict:
     }
 
 
-def _solver_opts(cfg: UQConfig, solver: str, momentum: float | None) -> dict:
-    """The options a solver runs with: the user's, and for sgd its low-rank preconditioner
-    (or plain sgd with a momentum matched to the conditioning)."""
-    opts = dict(cfg.solver_opts)
-    if solver == "sgd":
-        opts.setdefault("precond", "lowrank")
-        if momentum is not None:
-            opts["momentum"] = momentum
-    return opts
+#: the pipeline's option defaults per solver, under the user's ``solver_opts``: sgd runs
+#: with its low-rank preconditioner (the engine's default "auto" is the same for full batches)
+PIPELINE_DEFAULTS: dict[str, dict[str, Any]] = {"sgd": {"precond": "lowrank"}}
+
+
+def _tunes_momentum(name: str) -> bool:
+    """Whether solver ``name`` takes the conditioning-matched momentum when the user turns
+    its preconditioner off (a momentum method with a preconditioner option: sgd)."""
+    return {"momentum", "precond"} <= set(SOLVERS[name].option_names())
+
+
+def _make_solver(cfg: UQConfig, name: str, momentum: float | None) -> Solver:
+    """Solver ``name`` with the user's ``solver_opts`` over the pipeline's defaults
+    (:data:`PIPELINE_DEFAULTS`; ``momentum``, when computed, is one for sgd)."""
+    defaults = dict(PIPELINE_DEFAULTS.get(name, {}))
+    if momentum is not None and _tunes_momentum(name):
+        defaults["momentum"] = momentum
+    return make_solver(name, **{**defaults, **cfg.solver_opts})
 
 
 def hyper_stage(
@@ -234,7 +247,7 @@ def hyper_stage(
     settings = _em_settings(cfg, la.targets.dtype, views)
     momentum = None
     if (
-        "sgd" in (cfg.solver, cfg.resolved_em_solver)
+        any(_tunes_momentum(n) for n in (cfg.solver, cfg.resolved_em_solver))
         and "momentum" not in cfg.solver_opts
         and cfg.solver_opts.get("precond", "lowrank") is None
     ):
@@ -257,14 +270,14 @@ def hyper_stage(
     def save_cycle(state):
         store.save("em_cycle", settings, upstream, {"hyper": hyper_state(la), "em": state})
 
-    def run(opts):
+    def run(solver: Solver):
         load_hyper_state(la, state0)  # a retry starts from the same point
         return _guarded(
             "hyperparameter",
             _fit_hyper,
             la,
             cfg,
-            opts,
+            solver,
             generator,
             notes,
             progress,
@@ -272,8 +285,7 @@ def hyper_stage(
             em_resume,
         )
 
-    em_solver = cfg.resolved_em_solver
-    traj = _precond_fallback(run, em_solver, _solver_opts(cfg, em_solver, momentum))
+    traj, _ = _precond_fallback(run, _make_solver(cfg, cfg.resolved_em_solver, momentum))
     traj.pop("_preconditioner", None)  # in memory only
     check_finite("hyperparameter", la.prior.variances(), la.likelihood.noise_var)
     store.save(
@@ -291,7 +303,7 @@ def hyper_stage(
     return traj, momentum
 
 
-def _fit_hyper(la, cfg, opts, generator, notes, progress, on_cycle, resume_from) -> dict:
+def _fit_hyper(la, cfg, solver, generator, notes, progress, on_cycle, resume_from) -> dict:
     if cfg.hyper == "fixed":
         return {}
     if cfg.hyper != "em":
@@ -303,14 +315,12 @@ def _fit_hyper(la, cfg, opts, generator, notes, progress, on_cycle, resume_from)
             tv = {"weight": weight, "scale": cfg.tv_scale}
         return maximise_type2(la, tv=tv, tied=cfg.resolved_tied, generator=generator)
     done = int(resume_from["cycle"]) if resume_from is not None else 0
-    em_solver = cfg.resolved_em_solver
-    bar = _progress(total=cfg.em_cycles, initial=done, enabled=progress, desc=f"EM ({em_solver})")
+    bar = _progress(total=cfg.em_cycles, initial=done, enabled=progress, desc=f"EM ({solver.name})")
     hist = la.fit_hyperparameters(
         n_cycles=cfg.em_cycles,
         n_samples=cfg.em_samples,
-        solver=em_solver,
+        solver=solver,
         generator=generator,
-        solver_opts=opts,
         tied_cycles=cfg.em_cycles if cfg.resolved_tied else None,
         estimator=cfg.resolved_estimator,
         sample_batch=cfg.sample_batch,
@@ -350,9 +360,9 @@ def _fit_hyper(la, cfg, opts, generator, notes, progress, on_cycle, resume_from)
             )
     if not all(hist.converged[-1:]):
         notes.warn(
-            f"EM: the {em_solver} solver did not converge in the last cycle (mode residual "
+            f"EM: the {solver.name} solver did not converge in the last cycle (mode residual "
             f"{hist.mode_residual[-1]:.3g}, sample residual {hist.sample_residual[-1]:.3g}); "
-            "raise its iterations (solver_opts max_iter / iterations) or precond_rank, or "
+            "raise its iterations (solver_opts iterations) or precond_rank, or "
             "use dtype=float64"
         )
     return traj
@@ -412,27 +422,24 @@ def sample_stage(
         kept, diag, done = list(saved["kept"]), list(saved["diag"]), int(saved["done"])
         if generator is not None and saved.get("generator") is not None:
             generator.set_state(saved["generator"])
-    solver = cfg.solver
-    opts = _solver_opts(cfg, solver, momentum)
-    if solver == "exact":
-        opts["factors"] = dense_factors(la.system())
-    # one preconditioner for every sample batch (the hyperparameters are fixed from here on)
-    opts = _precond_fallback(
-        lambda o: with_prebuilt_preconditioner(la.system(), solver, o), solver, opts
+    name = cfg.solver
+    # one preconditioner (exact: dense factors) for every sample batch (the
+    # hyperparameters are fixed from here on)
+    solver, _ = _precond_fallback(
+        lambda s: s.precondition(la.system()), _make_solver(cfg, name, momentum)
     )
     bar = _progress(total=cfg.n_samples, initial=done, enabled=progress, desc="posterior samples")
     try:
         while done < cfg.n_samples:
             k = min(int(cfg.sample_batch), int(cfg.n_samples) - done)
-            res = _guarded(
-                f"{solver} sampling",
+            res, solver = _guarded(
+                f"{name} sampling",
                 _precond_fallback,
-                lambda o, k=k: la.sample(k, solver, generator, **o),
+                lambda s, k=k: la.sample(k, s, generator),
                 solver,
-                opts,
             )
             fs = la.functional_samples(res.samples)
-            check_finite(f"{solver} sampling", fs)
+            check_finite(f"{name} sampling", fs)
             acc.update(fs)
             if held_op is not None:  # the same samples seen from the held-out views
                 with torch.no_grad():
@@ -468,7 +475,7 @@ def sample_stage(
     bad = [d for d in diag if not d["converged"]]
     if bad:
         notes.warn(
-            f"{solver}: {len(bad)} of {len(diag)} sample batches did not converge (worst "
+            f"{name}: {len(bad)} of {len(diag)} sample batches did not converge (worst "
             f"relative residual {max(d['residual'] for d in bad):.3g}); the std map may be "
             "biased. Raise the solver's iterations or precond_rank, use dtype=float64, or "
             "solver='cg'"

@@ -217,7 +217,7 @@ def sample_cg(
     noise: Noise | None = None,
     init: torch.Tensor | None = None,
     tol: float = 1e-6,
-    max_iter: int = 500,
+    iterations: int = 500,
     precond_rank: int = 200,
     oversample: int = 10,
     precond_chunk_size: int | None = 32,
@@ -226,7 +226,8 @@ def sample_cg(
 ) -> SolverResult:
     """Matheron samples (or the mean ΣGᵀ(GΣGᵀ + I)⁻¹r) by preconditioned CG.
 
-    ``precond_rank = 0`` disables the preconditioner; ``precond_chunk_size`` is the number of
+    At most ``iterations`` CG steps, stopping once every relative residual is below
+    ``tol``. ``precond_rank = 0`` disables the preconditioner; ``precond_chunk_size`` is the number of
     probe vectors per kernel product while building it (bounds its memory). ``init``
     warm-starts α ``(K, n_obs)``. The preconditioner draws its probes from ``generator``
     (a fixed-seed generator when None), so results are deterministic under a seed.
@@ -253,6 +254,6 @@ def sample_cg(
             def hook(it, a):
                 return callback(it, lambda: theta_p + system.prior.cov_mv(system.Gt(a)))
 
-        alpha, it, trace = batched_pcg(system.kernel_mv, c, precond, init, tol, max_iter, hook)
+        alpha, it, trace = batched_pcg(system.kernel_mv, c, precond, init, tol, iterations, hook)
         theta = theta_p + system.prior.cov_mv(system.Gt(alpha))
     return SolverResult(theta, it, trace, trace[-1] < tol, trace[-1], {"alpha": alpha})
