@@ -11,6 +11,9 @@ Effective dimension estimators (γ = Σ_b γ_b):
   ``"function"``: γ_b = mean_k z_{k,b}ᵀ (GᵀG z_k)_b, unbiased for Σ_{i∈b}(H⁻¹M)_ii, whose sum
                  is mean_k ‖G z_k‖² (preferred when d ≫ γ);
   ``"weight"``:   γ_b = d_b − mean_k z_{k,b}ᵀ Σ_b⁻¹ z_{k,b};
+  ``"paired"``:   γ_b = mean_k (‖ξ_{k,b}‖² − z_{k,b}ᵀ Σ_b⁻¹ z_{k,b}) with ξ_k the prior draw of
+                 z_k (θ₀ = L ξ_k): the same expectation, and per block by far the smallest
+                 Monte-Carlo error (where the data do not act, z ≈ L ξ and the terms cancel);
   ``"exact"``:    dense traces (only with ``solver="exact"``); the Matérn lengthscale step
                  then takes the posterior's tap moments from ``n_samples`` exact draws.
 The first ``tied_cycles`` cycles use one shared σ² (Σ q_b / Σ γ_b), then per block.
@@ -25,10 +28,14 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .mstep import BlockGamma, mackay_update, noise_update
 from .solvers import draw_noise, get_solver, make_solver
 from .solvers.registry import Solver
 
-__all__ = ["EMHistory", "fit_em", "maximise_evidence"]
+__all__ = ["ESTIMATORS", "EMHistory", "fit_em", "maximise_evidence"]
+
+#: effective-dimension estimators (module docstring)
+ESTIMATORS = ("function", "weight", "paired", "exact")
 
 
 @dataclass
@@ -98,8 +105,8 @@ def fit_em(
     Returns the :class:`EMHistory`.
     """
     lik = la._gaussian("EM")
-    if estimator not in ("function", "weight", "exact"):
-        raise ValueError(f"unknown estimator {estimator!r}; use 'function', 'weight' or 'exact'")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; use one of {ESTIMATORS}")
     engine = make_solver(solver, **(solver_opts or {}))
     if estimator == "exact" and not engine.exact_traces:
         raise ValueError("estimator='exact' needs solver='exact'")
@@ -201,41 +208,24 @@ def _resumed(resume_from: dict | None, n_cycles: int):
 
 
 def _m_step(la, system, theta_lin, gamma_b, mc, tied: bool, noise_margin: float):
-    """MacKay's updates from θ_lin and γ̂_b (``mc``: the Monte-Carlo statistics of
-    :func:`_sample_statistics`, None for exact γ): returns (γ_b clipped per block, new
-    σ_b² ``(n_blocks,)``, new σ², "mackay" or "floored"). Changes nothing in ``la``."""
+    """MacKay's updates (:func:`~dip_uq.laplace.mstep.mackay_update`) from θ_lin and γ̂_b
+    (``mc``: the Monte-Carlo statistics of :func:`_sample_statistics`, None for exact γ):
+    returns (γ_b clipped per block, new σ_b² ``(n_blocks,)``, new σ², "mackay" or
+    "floored"). Changes nothing in ``la``."""
     prior, sel = la.prior, la.selection
     sizes = sel.block_sizes().to(prior.log_variance.device).double()
-    # The total γ is clipped after summing: clipping each block at 0 first would turn
-    # the estimator's zero-mean noise in poorly determined blocks into a positive bias
-    # (σ² too small with few samples). Clipped to [1, d], not d − 1: with well-determined
-    # weights γ → d and the clip would bias σ² away from the evidence maximiser. Also
-    # γ ≤ rank M ≤ n_obs: unconverged samples can overshoot it, and σ² = r²/(n_obs − γ)
-    # must stay finite (the caller sees the raw γ_b in the history and can warn).
-    gamma = float(gamma_b.sum().clamp(1.0, float(max(1, min(sel.d, system.n_obs - 1)))))
-    unresolved = _unresolved_blocks(gamma_b, mc, noise_margin)
-    gamma_b = torch.minimum(gamma_b.clamp_min(1e-6), sizes)  # per-block updates only
-
+    g = mc["gamma"] if mc is not None else BlockGamma(gamma_b, torch.zeros_like(gamma_b))
     with torch.no_grad():
         var_old = prior.variances().double()
         q_b = var_old * prior.block_quadratic(theta_lin[None])[0].double()
-        if tied:
-            new_var = (q_b.sum() / gamma).expand(sel.n_blocks)
-        else:
-            new_var = q_b / gamma_b
-            if unresolved is not None:
-                new_var = torch.where(unresolved, var_old, new_var)
-        resid = la.targets - la.linear_prediction(theta_lin)
-        r2 = float((resid.double() ** 2).sum())
-        n_obs = system.n_obs
-        se = mc.get("gamma_se", 0.0) if mc is not None else 0.0
+        new_var, gamma, _, gamma_b = mackay_update(
+            var_old, q_b, g, sizes, tied=tied, n_obs=system.n_obs, margin=noise_margin
+        )
+        r2 = float(((la.targets - la.linear_prediction(theta_lin)).double() ** 2).sum())
         # γ̂ within its Monte-Carlo error of n_obs (a DIP that fits its data): r²/(n_obs − γ̂)
-        # is then a ratio of two small numbers, and a few units of error in γ̂ sent σ² up
-        # 1000x on a protocol image. The denominator is floored at noise_margin standard
-        # errors of γ̂ (estimated from the per-sample spread; exact γ has none).
-        denom = max(n_obs - gamma, noise_margin * se, 1.0)
-        new_noise = r2 / denom
-        how = "mackay" if denom == max(n_obs - gamma, 1.0) else "floored"
+        # is a ratio of two small numbers, and a few units of error in γ̂ sent σ² up 1000x
+        # on a protocol image; the denominator is floored at noise_margin standard errors
+        new_noise, how = noise_update(r2, system.n_obs, gamma, g.total_se, noise_margin)
     return gamma_b, new_var, new_noise, how
 
 
@@ -255,28 +245,14 @@ def _record(hist: EMHistory, la, gamma_b, mode_res, sample_res, how: str) -> Non
     )
 
 
-def _unresolved_blocks(gamma_b, stats, margin):
-    """Mask of blocks whose γ̂_b is not above ``margin`` Monte-Carlo standard errors (from
-    the per-sample estimates; exact γ_b: not positive), or None if there are none. The
-    function-space block share can even be negative, and σ_b² = q_b/γ̂_b then jumped to
-    10⁶-10²⁰ with 8 samples in the demo: such blocks keep their variance for the cycle."""
-    if stats is None:
-        mask = gamma_b <= 0
-    else:
-        per = stats["gamma_per_sample"]
-        n = per.shape[0]
-        se = per.std(0) / n**0.5 if n > 1 else torch.full_like(gamma_b, float("inf"))
-        mask = gamma_b <= margin * se
-    return mask if bool(mask.any()) else None
-
-
 def _sample_statistics(system, active, solve, noise, inits, batch, estimator, need_moments):
     """E-step (b) in batches of ``batch`` draws: returns (stats, combined result, warm starts).
 
     stats: ``gamma_b`` = mean_k of the per-sample block estimates (function space: block sums
-    of z ⊙ GᵀG z; weight space: d_b − z_bᵀΣ_b⁻¹z_b), ``gamma_per_sample`` those estimates
-    ``(n, n_blocks)``, ``gamma_se`` the standard error of their total, ``moments`` = the prior's tap moments of z (Matérn
-    lengthscale step). ``solve`` is ``active``'s sampling callable. Warm starts for the next
+    of z ⊙ GᵀG z; weight space: d_b − z_bᵀΣ_b⁻¹z_b; paired: ‖ξ_b‖² − z_bᵀΣ_b⁻¹z_b),
+    ``gamma_per_sample`` those estimates ``(n, n_blocks)``, ``gamma`` the
+    :class:`~dip_uq.laplace.mstep.BlockGamma` with their standard errors, ``moments`` the
+    prior's tap moments of z (Matérn lengthscale step). ``solve`` is ``active``'s sampling callable. Warm starts for the next
     cycle: ``active.warm_start`` per batch (sgd: u = L⁻¹z, cg/sdd: the dual α).
     """
     from .solvers import Noise, SolverResult
@@ -294,9 +270,13 @@ def _sample_statistics(system, active, solve, noise, inits, batch, estimator, ne
         with torch.no_grad():
             if estimator == "function":
                 per_sample.append(prior.selection.block_sum(z * system.Gt(system.G(z))).double())
-            else:  # weight space: γ̂_k,b = d_b − z_bᵀΣ_b⁻¹z_b
+            else:  # γ̂_k,b = d_b (weight) or ‖ξ_k,b‖² (paired) − z_bᵀΣ_b⁻¹z_b
                 qk = prior.block_quadratic(z).double()
-                per_sample.append(prior.selection.block_sizes().to(qk) - qk)
+                if estimator == "paired":
+                    ref = prior.selection.block_sum(part.xi.double() ** 2)
+                else:
+                    ref = prior.selection.block_sizes().to(qk)
+                per_sample.append(ref - qk)
             if need_moments:
                 m = prior.second_moments(z)
                 k = z.shape[0]
@@ -312,13 +292,8 @@ def _sample_statistics(system, active, solve, noise, inits, batch, estimator, ne
     per = torch.cat(per_sample)  # (n, n_blocks)
     if mom is not None:
         mom = {"diag": mom["diag"] / n, "filters": [f / n for f in mom["filters"]]}
-    stats = {
-        "gamma_b": per.mean(0),
-        "moments": mom,
-        # per-sample block estimates ``(n, n_blocks)``: the Monte-Carlo error of any sum of γ̂_b
-        "gamma_per_sample": per,
-        "gamma_se": float(per.sum(1).std() / n**0.5) if n > 1 else float("inf"),
-    }
+    g = BlockGamma.from_samples(per)
+    stats = {"gamma_b": g.gamma, "gamma": g, "moments": mom, "gamma_per_sample": per}
     combined = SolverResult(torch.empty(0), its, [], converged, residual)
     keep = next_inits if next_inits and all(x is not None for x in next_inits) else None
     return stats, combined, keep

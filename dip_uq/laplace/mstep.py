@@ -29,16 +29,21 @@ __all__ = [
 
 @dataclass
 class BlockGamma:
-    """γ_b per block ``(n_blocks,)`` and its Monte-Carlo standard error (zeros when exact)."""
+    """γ_b per block ``(n_blocks,)``, the Monte-Carlo standard error of each and of their sum
+    (zeros when exact)."""
 
     gamma: torch.Tensor
     se: torch.Tensor
+    total_se: float = 0.0
 
-    @property
-    def total_se(self) -> float:
-        """Standard error of Σ_b γ_b (blocks treated as independent: an upper bound for the
-        positively correlated paired estimates is not needed, the floor only guards σ²)."""
-        return float(self.se.pow(2).sum().sqrt())
+    @classmethod
+    def from_samples(cls, per: torch.Tensor) -> BlockGamma:
+        """From per-sample block estimates ``(K, n_blocks)`` (their spread is the error)."""
+        k = per.shape[0]
+        if k < 2:
+            inf = torch.full_like(per[0], float("inf"))
+            return cls(per.mean(0), inf, float("inf"))
+        return cls(per.mean(0), per.std(0) / k**0.5, float(per.sum(1).std() / k**0.5))
 
 
 def paired_block_gamma(xi: torch.Tensor, u: torch.Tensor, block_sum) -> BlockGamma:
@@ -51,10 +56,7 @@ def paired_block_gamma(xi: torch.Tensor, u: torch.Tensor, block_sum) -> BlockGam
     below that of the function-space estimate z_bᵀ(Mz)_b, whose cross-block terms dominate
     small blocks. ``xi``, ``u``: ``(K, d)``; ``block_sum``: ``(K, d) -> (K, n_blocks)``.
     """
-    per = block_sum((xi.double() ** 2) - (u.double() ** 2))
-    k = per.shape[0]
-    se = per.std(0) / k**0.5 if k > 1 else torch.full_like(per[0], float("inf"))
-    return BlockGamma(per.mean(0), se)
+    return BlockGamma.from_samples(block_sum((xi.double() ** 2) - (u.double() ** 2)))
 
 
 def exact_gamma_from_precision(chol_P: torch.Tensor, block_sum) -> BlockGamma:
@@ -74,22 +76,26 @@ def mackay_update(
     tied: bool,
     n_obs: int,
     margin: float = 3.0,
-) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """New block variances, the total γ and the mask of unresolved blocks.
+) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    """New block variances, the total γ, the mask of unresolved blocks and the γ_b used.
 
     ``var_old``, ``q``, ``sizes``: ``(n_blocks,)``. The total γ is clipped to
-    [1, min(d, n_obs − 1)] after summing (clipping blocks first would bias it up); each
-    γ_b to [10⁻⁶, d_b] for its own update. ``tied``: one variance Σ q_b / γ for all blocks.
+    [1, min(d, n_obs − 1)] after summing: clipping each block at 0 first would turn the
+    estimator's zero-mean noise in poorly determined blocks into a positive bias, and
+    γ ≤ rank M ≤ n_obs keeps σ² = r²/(n_obs − γ) finite when unconverged samples overshoot.
+    Each γ_b is clipped to [10⁻⁶, d_b] for its own update. ``tied``: one variance
+    Σ q_b / γ for all blocks. A block is unresolved when γ_b ≤ ``margin`` standard errors
+    (exact γ: when γ_b ≤ 0).
     """
     d = float(sizes.sum())
-    gamma = float(g.gamma.sum().clamp(1.0, max(1.0, min(d, n_obs - 1))))
+    gamma = float(g.gamma.sum().clamp(1.0, float(max(1, min(d, n_obs - 1)))))
     unresolved = g.gamma <= margin * g.se if bool((g.se > 0).any()) else g.gamma <= 0
     gb = torch.minimum(g.gamma.clamp_min(1e-6), sizes)
     if tied:
         new = (q.sum() / gamma).expand_as(var_old)
     else:
         new = torch.where(unresolved, var_old, q / gb)
-    return new.clamp_min(1e-30), gamma, unresolved
+    return new, gamma, unresolved, gb
 
 
 def noise_update(r2: float, n_obs: int, gamma: float, gamma_se: float, margin: float = 3.0):

@@ -162,9 +162,10 @@ def batched_pcg(matvec, c, precond, x0=None, tol=1e-6, max_iter=500, callback=No
     """Solve A x = c for each row of ``c`` ``(K, n)``; returns x, iterations, residual trace.
 
     ``callback(it, x)`` runs after every iteration; returning True stops. A row whose
-    curvature pᵀAp is not positive and finite (round-off breakdown of an ill-conditioned
-    float32 system; A is SPD in exact arithmetic) is frozen at its last iterate with a
-    ``RuntimeWarning``, so it shows as unconverged instead of turning into inf/NaN."""
+    curvature pᵀAp or preconditioned residual rᵀP⁻¹r is not positive and finite (round-off
+    breakdown of an ill-conditioned float32 system or preconditioner; both are SPD in exact
+    arithmetic) is frozen at its last iterate with a ``RuntimeWarning``, so it shows as
+    unconverged instead of turning into inf/NaN."""
     x = torch.zeros_like(c) if x0 is None else x0.clone()
     frozen = torch.zeros(c.shape[0], dtype=torch.bool, device=c.device)
     cnorm = c.norm(dim=1).clamp_min(1e-30)
@@ -181,24 +182,26 @@ def batched_pcg(matvec, c, precond, x0=None, tol=1e-6, max_iter=500, callback=No
         Ap = matvec(p)
         pAp = (p * Ap).sum(1)
         active = ((r.norm(dim=1) / cnorm) >= tol) & ~frozen
-        broken = active & ~(torch.isfinite(pAp) & (pAp > 0))
+        healthy = torch.isfinite(pAp) & (pAp > 0) & torch.isfinite(rz) & (rz > 0)
+        broken = active & ~healthy
         if bool(broken.any()):
             frozen |= broken
             active &= ~broken
             warnings.warn(
-                f"CG breakdown at iteration {it}: pᵀAp ≤ 0 or non-finite for "
+                f"CG breakdown at iteration {it}: pᵀAp or rᵀP⁻¹r ≤ 0 or non-finite for "
                 f"{int(broken.sum())} of {c.shape[0]} systems (ill-conditioned in "
                 f"{c.dtype}); they keep their last iterate. Use float64.",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        alpha = torch.where(active, rz / pAp.clamp_min(1e-300), torch.zeros_like(rz))
+        tiny = torch.finfo(rz.dtype).tiny  # 1e-300 is 0 in float32
+        alpha = torch.where(active, rz / pAp.clamp_min(tiny), torch.zeros_like(rz))
         x = x + alpha[:, None] * p
         r = r - alpha[:, None] * torch.where(active[:, None], Ap, torch.zeros_like(Ap))
         trace.append(float((r.norm(dim=1) / cnorm).max()))
         z = precond(r)
         rz_new = (r * z).sum(1)
-        beta = torch.where(active, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz))
+        beta = torch.where(active, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
         p = torch.where(active[:, None], z + beta[:, None] * p, p)
         rz = torch.where(active, rz_new, rz)
         if frozen.any() and not bool((((r.norm(dim=1) / cnorm) >= tol) & ~frozen).any()):
