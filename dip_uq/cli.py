@@ -241,9 +241,63 @@ def _read_sinogram(path: Path, key: str | None):
     if not path.exists():
         raise CLIError(f"{path}: sinogram file not found")
     arr = read_array(path, key=key)
-    if not np.issubdtype(arr.dtype, np.number):
-        raise CLIError(f"{path}: sinogram must be numeric, got dtype {arr.dtype}")
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise CLIError(f"{path}: sinogram must be real numbers, got dtype {arr.dtype}")
     return arr
+
+
+def _read_ground_truth(path: Path, shape: tuple[int, ...]):
+    """The ``--ground-truth`` image: real, finite, of the volume's shape."""
+    import numpy as np
+
+    from .io.arrays import read_array
+
+    if not path.exists():
+        raise CLIError(f"{path}: ground-truth file not found")
+    gt = read_array(path)
+    if not np.issubdtype(gt.dtype, np.number) or np.iscomplexobj(gt):
+        raise CLIError(f"{path}: ground truth must be real numbers, got dtype {gt.dtype}")
+    gt = np.asarray(gt, dtype=np.float64)
+    if tuple(gt.shape) != tuple(shape):
+        raise CLIError(
+            f"{path}: ground truth shape {tuple(gt.shape)} does not match the volume {tuple(shape)}"
+        )
+    bad = int((~np.isfinite(gt)).sum())
+    if bad:
+        raise CLIError(f"{path}: ground truth contains {bad} NaN or infinite values (of {gt.size})")
+    return gt
+
+
+def _check_out(out: Path) -> Path:
+    """``--out`` as a directory files can be written in, checked before any work."""
+    from .io.atomic import writable_directory
+
+    try:
+        return writable_directory(out)
+    except OSError as err:
+        raise CLIError(f"--out {err}") from err
+
+
+def _check_reconstruct_options(args: argparse.Namespace) -> None:
+    """``reconstruct``'s numbers, before EDIP pretraining or the DIP starts."""
+    import math
+
+    checks = (
+        ("--iterations", args.iterations, args.iterations >= 1),
+        ("--lr", args.lr, math.isfinite(args.lr) and args.lr > 0),
+        ("--tv-weight", args.tv_weight, math.isfinite(args.tv_weight) and args.tv_weight >= 0),
+        ("--checkpoint-every", args.checkpoint_every, args.checkpoint_every >= 1),
+        ("--edip-iterations", args.edip_iterations, args.edip_iterations >= 0),
+        ("--edip-images", args.edip_images, args.edip_images >= 1),
+    )
+    for flag, value, ok in checks:
+        if not ok:
+            allowed = {
+                "--tv-weight": "a finite number >= 0",
+                "--lr": "a positive finite number",
+                "--edip-iterations": "an integer >= 0",
+            }.get(flag, "a positive integer")
+            raise CLIError(f"{flag} must be {allowed}, got {value}")
 
 
 def _read_problem(args: argparse.Namespace):
@@ -271,24 +325,23 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
     from .io.arrays import write_volume
 
     volume, geometry, sino = _read_problem(args)
+    _check_reconstruct_options(args)
     try:
         device = torch.device(args.device)
     except RuntimeError as err:
         raise CLIError(f"--device {args.device!r} is not a torch device: {err}") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device}: CUDA is not available in this torch build/machine")
+    net = _net_choice(args, ndim=len(volume.shape))
+    if args.edip_iterations > 0 and isinstance(net, Path):
+        raise CLIError("use either --net FILE.pt (already pretrained) or --edip-iterations")
+    out = _check_out(args.out)
     y = torch.as_tensor(np.ascontiguousarray(sino), dtype=torch.float32, device=device)
     op = RayTransform(volume, geometry)
-    net = _net_choice(args, ndim=len(volume.shape))
-    out: Path = args.out.expanduser()
-    if args.edip_iterations < 0:
-        raise CLIError(f"--edip-iterations must be >= 0, got {args.edip_iterations}")
     if args.edip_iterations > 0:
         from .dip.pretrain import pretrain_edip
         from .dip.trainer import initial_input
 
-        if isinstance(net, Path):
-            raise CLIError("use either --net FILE.pt (already pretrained) or --edip-iterations")
         # phantoms span [0, s] with s the 99th percentile of the analytic reconstruction
         z0 = initial_input(y, op, "fbp")
         value_scale = float(torch.quantile(z0.flatten().float().cpu(), 0.99))
@@ -365,7 +418,6 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
 
     from operators import RayTransform
 
-    from .io.arrays import read_array
     from .uq.config import UQConfig
     from .uq.pipeline import reconstruct_with_uncertainty
 
@@ -385,17 +437,10 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
         raise CLIError(_option_message(str(err))) from err
     gt = None
     if args.ground_truth is not None:
-        if not args.ground_truth.exists():
-            raise CLIError(f"{args.ground_truth}: ground-truth file not found")
-        gt = np.asarray(read_array(args.ground_truth), dtype=np.float64)
-        if tuple(gt.shape) != tuple(volume.shape):
-            raise CLIError(
-                f"{args.ground_truth}: ground truth shape {tuple(gt.shape)} does not match the "
-                f"volume {tuple(volume.shape)}"
-            )
+        gt = _read_ground_truth(args.ground_truth, volume.shape)
+    out = _check_out(args.out)
     y = torch.as_tensor(np.ascontiguousarray(sino), dtype=torch.float32)
     op = RayTransform(volume, geometry)
-    out: Path = args.out.expanduser()
     res = reconstruct_with_uncertainty(
         y,
         op,
@@ -438,6 +483,7 @@ def _cmd_uncertainty(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _check_out(args.out)
     r = run_demo(
         args.out,
         quick=args.quick,

@@ -19,6 +19,7 @@ from .geometry import (
     VolumeGeometry,
     uniform_angles,
 )
+from .geometry_check import check_geometry_fits
 from .linear import MatrixOperator
 from .transform import RayTransform
 
@@ -34,6 +35,7 @@ __all__ = [
     "ParallelVec3D",
     "ConeVec3D",
     "uniform_angles",
+    "check_geometry_fits",
     "RayTransform",
     "LinearOperator",
     "OperatorBase",

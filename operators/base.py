@@ -20,7 +20,7 @@ from torch import nn
 
 from .adjoint_view import AdjointView
 
-__all__ = ["LinearOperator", "OperatorBase", "check_operator", "power_norm"]
+__all__ = ["LinearOperator", "OperatorBase", "check_operator", "check_device", "power_norm"]
 
 
 @runtime_checkable
@@ -114,6 +114,16 @@ class OperatorBase(nn.Module):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         object.__setattr__(self, "_adjoint_view", AdjointView(self))
+
+
+def check_device(t: torch.Tensor, what: str, where: str) -> None:
+    """Refuse a tensor without data: a ``meta`` tensor has a shape and a dtype but no values,
+    so no operator can apply to it (``where`` names the consumer, ``what`` the tensor)."""
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{what} is on device 'meta' (a shape without data), but {where} computes on a "
+            "device with data (cpu or cuda): create or load the tensor on cpu or cuda"
+        )
 
 
 def check_operator(

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .base import OperatorBase
+from .base import OperatorBase, check_device
 
 __all__ = ["MatrixOperator"]
 
@@ -52,6 +52,7 @@ class MatrixOperator(OperatorBase):
         return self._csr[key]
 
     def _apply(self, t: torch.Tensor, which: int, shape_in: tuple, shape_out: tuple):
+        check_device(t, "input", "MatrixOperator")
         k = len(shape_in)
         if t.ndim < k or tuple(t.shape[-k:]) != shape_in:
             raise ValueError(f"expected input (..., {shape_in}), got {tuple(t.shape)}")

@@ -14,9 +14,10 @@ import torch
 
 from .backends import make_backend
 from .backends.base import Backend
-from .base import OperatorBase
+from .base import OperatorBase, check_device
 from .errors import GeometryError
 from .geometry import ProjectionGeometry, VolumeGeometry
+from .geometry_check import check_geometry_fits
 
 __all__ = ["RayTransform"]
 
@@ -57,6 +58,10 @@ class RayTransform(OperatorBase):
 
     ``A x`` gives line integrals in world units (a volume of ones of width ``w`` gives ``w``
     along a central ray). ``matched`` says whether ``A.T`` is the exact transpose of ``A``.
+
+    Construction refuses a fan/cone geometry that cannot measure the volume (a source inside
+    it, a detector between the source and it: :func:`~operators.geometry_check.check_geometry_fits`);
+    calls refuse non-float, wrongly shaped, non-finite and ``meta`` tensors, naming them.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class RayTransform(OperatorBase):
                 f"geometry/volume mismatch: a {geometry.ndim}D {type(geometry).__name__} "
                 f"cannot project a {volume.ndim}D volume of shape {volume.shape}"
             )
+        check_geometry_fits(volume, geometry)  # no source inside, no detector before the volume
         self.volume = volume
         self.geometry = geometry
         self._requested = backend if isinstance(backend, str) else backend.name
@@ -127,6 +133,7 @@ class RayTransform(OperatorBase):
             raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{what} must be a floating-point tensor, got dtype {t.dtype}")
+        check_device(t, what, "RayTransform")
         k = len(expected)
         if t.ndim < k or tuple(t.shape[-k:]) != expected:
             raise ValueError(

@@ -268,7 +268,7 @@ def test_reconstruct_bad_input_names_the_problem(tmp_path, capsys):
     assert "junk.npy" in _run_err(capsys, ["reconstruct", str(tmp_path / "junk.npy"), *base])
     assert "not found" in _run_err(capsys, ["reconstruct", str(tmp_path / "none.npy"), *base])
     err = _run_err(capsys, ["reconstruct", str(spath), *base, "--tv-weight", "-1"])
-    assert "tv_weight" in err
+    assert "--tv-weight must be a finite number >= 0, got -1" in err
     err = _run_err(capsys, ["reconstruct", str(spath), *base, "--iterations", "0"])
     assert "iterations must be a positive integer" in err
     if not torch.cuda.is_available():

@@ -187,6 +187,16 @@ class DIPRun:
             loss = loss + barrier[1] * excess.pow(2).mean()
         return loss, x
 
+    def _non_finite(self, value: float, it: int, x: torch.Tensor) -> str:
+        """What a non-finite loss came from: the operator's output or the training."""
+        with torch.no_grad():
+            if torch.isfinite(x).all() and not torch.isfinite(self.operator(x.detach())).all():
+                return (
+                    f"DIP loss became {value} at iteration {it}: the operator's output contains "
+                    "NaN or infinite values for a finite image; check the operator"
+                )
+        return f"DIP loss became {value} at iteration {it}; lower lr or check the data scale"
+
     def step(self, it: int) -> tuple[float, torch.Tensor]:
         """One Adam step; records the loss and the best iterate *before* the step."""
         self.opt.zero_grad(set_to_none=True)
@@ -194,9 +204,7 @@ class DIPRun:
         loss.backward()
         value = loss.item()  # the one host sync per step: needed for best tracking
         if not math.isfinite(value):
-            raise FloatingPointError(
-                f"DIP loss became {value} at iteration {it}; lower lr or check the data scale"
-            )
+            raise FloatingPointError(self._non_finite(value, it, x))
         self.losses[it] = value
         if self.selecting:
             better = self.stopping.due(it) and self.stopping.record(it, x)

@@ -20,6 +20,7 @@ whole training state, so ``resume=True`` reproduces an uninterrupted run bit for
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from collections import deque
@@ -30,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from operators.base import check_operator
+from operators.base import check_device, check_operator
 
-from ..io.atomic import remove_stale_temporaries
+from ..io.atomic import remove_stale_temporaries, writable_directory
 from .checkpoint import CheckpointError, load_checkpoint
 from .run import CHECKPOINT_FORMAT, DIPResult, DIPRun, Settings
 from .unet import UNetConfig, build_unet
@@ -170,6 +171,9 @@ def _check_operator(operator: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def _check_y(y: Any, range_shape: tuple[int, ...]) -> torch.Tensor:
     y = torch.as_tensor(y)
+    check_device(y, "sinogram y", "fit_dip")
+    if y.is_complex():
+        raise TypeError(f"sinogram y must be real, got dtype {y.dtype}")
     if not y.is_floating_point():
         y = y.to(torch.get_default_dtype())
     if tuple(y.shape) != range_shape:
@@ -232,26 +236,66 @@ def initial_input(
     raise ValueError(f"init must be 'fbp', 'backprojection', 'noise' or a tensor, got {init!r}")
 
 
+def _real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _check_scalars(tv_weight: float, iterations: int, lr: float, clip: float | None) -> None:
-    if not (isinstance(tv_weight, int | float) and math.isfinite(tv_weight)) or tv_weight < 0:
+    if not _real(tv_weight) or tv_weight < 0:
         raise ValueError(f"tv_weight must be a finite number >= 0, got {tv_weight!r}")
-    if isinstance(iterations, bool) or int(iterations) != iterations or iterations <= 0:
+    if not (_real(iterations) and int(iterations) == iterations and iterations > 0):
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-    if not (math.isfinite(lr) and lr > 0):
+    if not (_real(lr) and lr > 0):
         raise ValueError(f"lr must be positive and finite, got {lr!r}")
-    if clip is not None and not clip > 0:
+    if clip is not None and not (_real(clip) and clip > 0):
         raise ValueError(f"clip_grad_norm must be positive or None, got {clip!r}")
 
 
-def _check_options(barrier, weight, clamp, checkpoint_every) -> None:
-    if barrier is not None and not (math.isfinite(barrier) and barrier > 0):
+def _check_options(barrier, weight, clamp, checkpoint_every, generator) -> None:
+    if barrier is not None and not (_real(barrier) and barrier > 0):
         raise ValueError(f"saturation_barrier must be positive or None, got {barrier!r}")
-    if not (math.isfinite(weight) and weight >= 0):
+    if not (_real(weight) and weight >= 0):
         raise ValueError(f"saturation_weight must be >= 0, got {weight!r}")
-    if clamp is not None and not (math.isfinite(clamp) and clamp > 0):
+    if clamp is not None and not (_real(clamp) and clamp > 0):
         raise ValueError(f"param_clamp must be positive and finite, got {clamp!r}")
-    if int(checkpoint_every) < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if not _real(checkpoint_every) or int(checkpoint_every) < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
+
+
+def _check_ground_truth(ground_truth: Any, domain: tuple[int, ...]) -> torch.Tensor | None:
+    if ground_truth is None:
+        return None
+    gt = torch.as_tensor(ground_truth).detach().to("cpu", torch.float64)
+    if tuple(gt.shape) != domain:
+        raise ValueError(f"ground_truth shape {tuple(gt.shape)} does not match the volume {domain}")
+    bad = ~torch.isfinite(gt)
+    if bad.any():
+        raise ValueError(
+            f"ground_truth contains {int(bad.sum())} NaN or infinite values (of {gt.numel()})"
+        )
+    return gt
+
+
+def _check_checkpoint_dir(checkpoint_dir: Any, resume: bool) -> None:
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    if checkpoint_dir is not None:  # a file or a read-only place fails now, not after training
+        try:
+            writable_directory(checkpoint_dir)
+        except OSError as err:
+            raise CheckpointError(f"checkpoint_dir {err}") from err
+
+
+def _check_input(z0: torch.Tensor, init: Any) -> torch.Tensor:
+    if not torch.isfinite(z0).all():
+        source = "the init tensor" if isinstance(init, torch.Tensor) else f"init={init!r}"
+        raise FloatingPointError(
+            f"the network input ({source}) contains NaN or infinite values: for finite data y "
+            "this means the operator's output (its adjoint or FBP) is not finite"
+        )
+    return z0
 
 
 def _resolve_net(net: Any, ndim: int, generator: torch.Generator | None) -> nn.Module:
@@ -324,22 +368,15 @@ def fit_dip(
     domain, rng = _check_operator(operator)
     y = _check_y(y, rng)
     _check_scalars(tv_weight, iterations, lr, clip_grad_norm)
-    _check_options(saturation_barrier, saturation_weight, param_clamp, checkpoint_every)
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs a checkpoint_dir")
-    gt = None
-    if ground_truth is not None:
-        gt = torch.as_tensor(ground_truth).detach().to("cpu", torch.float64)
-        if tuple(gt.shape) != domain:
-            raise ValueError(
-                f"ground_truth shape {tuple(gt.shape)} does not match the volume {domain}"
-            )
+    _check_options(saturation_barrier, saturation_weight, param_clamp, checkpoint_every, generator)
+    _check_checkpoint_dir(checkpoint_dir, resume)
+    gt = _check_ground_truth(ground_truth, domain)
 
     model = _resolve_net(net, len(domain), generator).to(device=y.device, dtype=y.dtype)
     model.train()
     for m in getattr(model, "dropout_layers", list)():
         m.generator = generator
-    z0 = initial_input(y, operator, init, generator=generator)
+    z0 = _check_input(initial_input(y, operator, init, generator=generator), init)
     barrier = (
         saturation_barrier is not None
         and saturation_weight > 0

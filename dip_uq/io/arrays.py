@@ -27,6 +27,8 @@ under the final name.
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,6 +87,15 @@ def _pick_npz(path: Path, files: Sequence[str], key: str | None) -> str:
     if "data" in files and set(files) <= {"data", "spacing", "origin"}:
         return "data"
     raise DataFormatError(f"{path}: holds several arrays {sorted(files)}; pass key= to choose one")
+
+
+def _npz_entry(path: Path, name: str) -> tuple[float, ...] | None:
+    """The ``spacing`` or ``origin`` entry of an ``.npz`` file (``None`` when absent)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return tuple(float(s) for s in z[name]) if name in z.files else None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataFormatError(f"{path}: not a readable .npz file: {err}") from err
 
 
 def _read_h5(path: Path, key: str | None) -> np.ndarray:
@@ -152,8 +163,13 @@ def read_array(path: str | os.PathLike, *, key: str | None = None) -> np.ndarray
         try:
             with np.load(path, allow_pickle=False) as z:
                 return np.asarray(z[_pick_npz(path, z.files, key)])
-        except (ValueError, OSError) as err:
-            raise DataFormatError(f"{path}: not a readable .npz file: {err}") from err
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            if isinstance(err, DataFormatError):
+                raise
+            raise DataFormatError(
+                f"{path}: not a readable .npz file (truncated or corrupt?): "
+                f"{type(err).__name__}: {err}"
+            ) from err
     if suffix in (".tif", ".tiff"):
         return read_tiff(path)
     if suffix in (".h5", ".hdf5"):
@@ -181,8 +197,7 @@ def read_spacing(path: str | os.PathLike, *, key: str | None = None) -> tuple[fl
     if suffix == ".npy":
         return None
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            return tuple(float(s) for s in z["spacing"]) if "spacing" in z.files else None
+        return _npz_entry(path, "spacing")
     if suffix in (".h5", ".hdf5"):
         import h5py
 
@@ -364,8 +379,7 @@ def read_origin(path: str | os.PathLike) -> tuple[float, ...] | None:
     _require_file(path)
     suffix = _suffix(path)
     if suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            return tuple(float(s) for s in z["origin"]) if "origin" in z.files else None
+        return _npz_entry(path, "origin")
     if suffix in (".h5", ".hdf5"):
         import h5py
 

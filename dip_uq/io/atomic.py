@@ -5,12 +5,14 @@ the file's own suffix, so format-sniffing writers see it), flushed to disk, then
 final name with ``os.replace`` (atomic on POSIX and Windows). A crash or interrupt while writing
 leaves the previous file intact; the temporary file is removed on any exception, and one left
 by a killed process is removed by :func:`remove_stale_temporaries` on the next run.
+:func:`writable_directory` checks an output or checkpoint directory before any work.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_torch_save",
     "remove_stale_temporaries",
+    "writable_directory",
 ]
 
 
@@ -81,3 +84,20 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         tmp.unlink(missing_ok=True)
         gone.append(tmp)
     return gone
+
+
+def writable_directory(path: str | os.PathLike) -> Path:
+    """Make sure files can be written in the directory ``path`` before any work is done:
+    create it (and its parents) when missing and write and remove a probe file. Raises an
+    ``OSError`` naming the path and the problem (``NotADirectoryError`` when it is a file)."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".dip-uq-write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise type(err)(f"{path}: cannot write there ({err.strerror or err})") from err
+    return path

@@ -43,6 +43,7 @@ from operators import (
     uniform_angles,
 )
 from operators.errors import GeometryError
+from operators.geometry_check import check_geometry_fits
 
 from ..errors import GeometryFileError
 
@@ -83,6 +84,24 @@ def _number(value: Any, key: str, where: str, sec: str) -> float:
     return float(value)
 
 
+def _integer(value: Any, key: str, where: str, sec: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise GeometryFileError(f"{where}: [{sec}].{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _int_pair(value: Any, key: str, where: str, sec: str) -> tuple[int, int]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise GeometryFileError(
+            f"{where}: [{sec}].{key} must be a list [rows, cols] of two positive integers, "
+            f"got {value!r}"
+        )
+    return (
+        _integer(value[0], f"{key}[0]", where, sec),
+        _integer(value[1], f"{key}[1]", where, sec),
+    )
+
+
 def _numbers(value: Any, key: str, where: str, sec: str) -> float | tuple[float, ...]:
     if isinstance(value, list):
         return tuple(_number(v, key, where, sec) for v in value)
@@ -94,7 +113,9 @@ def _angles(p: dict, where: str) -> tuple[float, ...]:
     if isinstance(a, dict):
         n = _need(a, "n", where, "projection.angles")
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise GeometryFileError(f"{where}: [projection.angles].n must be a positive integer")
+            raise GeometryFileError(
+                f"{where}: [projection.angles].n must be a positive integer, got {n!r}"
+            )
         start = _number(a.get("start", 0.0), "start", where, "projection.angles")
         stop = _number(a.get("stop", math.pi), "stop", where, "projection.angles")
         return uniform_angles(n, start=start, stop=stop)
@@ -108,8 +129,18 @@ def _angles(p: dict, where: str) -> tuple[float, ...]:
 
 def _vectors(p: dict, where: str, base_dir: Path | None) -> np.ndarray:
     if "vectors" in p:
-        vec = np.asarray(p["vectors"], dtype=np.float64)
+        try:
+            vec = np.asarray(p["vectors"], dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise GeometryFileError(
+                f"{where}: [projection].vectors must be a list of rows of 12 numbers: {err}"
+            ) from err
     elif "vectors_file" in p:
+        if not isinstance(p["vectors_file"], str):
+            raise GeometryFileError(
+                f"{where}: [projection].vectors_file must be a file name (a string), "
+                f"got {p['vectors_file']!r}"
+            )
         vf = Path(p["vectors_file"]).expanduser()
         if not vf.is_absolute() and base_dir is not None:
             vf = base_dir / vf
@@ -139,15 +170,18 @@ def parse_geometry(
     if not isinstance(v, dict) or not isinstance(p, dict):
         raise GeometryFileError(f"{where}: 'volume' and 'projection' must be tables/objects")
     shape = _need(v, "shape", where, "volume")
-    if not isinstance(shape, list) or not all(isinstance(s, int) for s in shape):
+    if not isinstance(shape, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) for s in shape
+    ):
         raise GeometryFileError(
             f"{where}: [volume].shape must be a list of integers, got {shape!r}"
         )
-    kind = str(_need(p, "type", where, "projection")).lower()
-    if kind not in _TYPES:
+    kind = _need(p, "type", where, "projection")
+    if not isinstance(kind, str) or kind.lower() not in _TYPES:
         raise GeometryFileError(
             f"{where}: [projection].type {kind!r} is unknown; choose one of {', '.join(_TYPES)}"
         )
+    kind = kind.lower()
     try:
         volume = VolumeGeometry(
             shape=tuple(shape),
@@ -155,13 +189,14 @@ def parse_geometry(
             center=_numbers(v.get("center", 0.0), "center", where, "volume"),
         )
         geom = _projection(kind, p, where, base_dir)
+        if volume.ndim != geom.ndim:
+            raise GeometryFileError(
+                f"{where}: a {geom.ndim}D projection type {kind!r} needs a {geom.ndim}D volume, "
+                f"got shape {volume.shape}"
+            )
+        check_geometry_fits(volume, geom)  # no source inside the volume, detector beyond it
     except GeometryError as err:
         raise GeometryFileError(f"{where}: {err}") from err
-    if volume.ndim != geom.ndim:
-        raise GeometryFileError(
-            f"{where}: a {geom.ndim}D projection type {kind!r} needs a {geom.ndim}D volume, "
-            f"got shape {volume.shape}"
-        )
     return volume, geom
 
 
@@ -169,13 +204,13 @@ def _projection(kind: str, p: dict, where: str, base_dir: Path | None) -> Projec
     sec = "projection"
     if kind.endswith("_vec"):
         vec = _vectors(p, where, base_dir)
-        det_shape = tuple(int(s) for s in _need(p, "det_shape", where, sec))
+        det_shape = _int_pair(_need(p, "det_shape", where, sec), "det_shape", where, sec)
         cls = ParallelVec3D if kind == "parallel3d_vec" else ConeVec3D
         return cls(vectors=vec, det_shape=det_shape)
     angles = _angles(p, where)
     spacing = _numbers(p.get("det_spacing", 1.0), "det_spacing", where, sec)
     if kind in ("parallel2d", "fanbeam2d"):
-        count = _need(p, "det_count", where, sec)
+        count = _integer(_need(p, "det_count", where, sec), "det_count", where, sec)
         offset = _number(p.get("det_offset", 0.0), "det_offset", where, sec)
         if kind == "parallel2d":
             return Parallel2D(
@@ -189,14 +224,12 @@ def _projection(kind: str, p: dict, where: str, base_dir: Path | None) -> Projec
             src_origin=_number(_need(p, "src_origin", where, sec), "src_origin", where, sec),
             origin_det=_number(_need(p, "origin_det", where, sec), "origin_det", where, sec),
         )
-    det_shape = _need(p, "det_shape", where, sec)
-    if not isinstance(det_shape, list) or len(det_shape) != 2:
-        raise GeometryFileError(f"{where}: [projection].det_shape must be [rows, cols]")
+    det_shape = _int_pair(_need(p, "det_shape", where, sec), "det_shape", where, sec)
     if kind == "parallel3d":
-        return Parallel3D(angles=angles, det_shape=tuple(det_shape), det_spacing=spacing)
+        return Parallel3D(angles=angles, det_shape=det_shape, det_spacing=spacing)
     return ConeBeam3D(
         angles=angles,
-        det_shape=tuple(det_shape),
+        det_shape=det_shape,
         det_spacing=spacing,
         src_origin=_number(_need(p, "src_origin", where, sec), "src_origin", where, sec),
         origin_det=_number(_need(p, "origin_det", where, sec), "origin_det", where, sec),

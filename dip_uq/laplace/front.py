@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from .checks import check_options, check_targets, count
 from .jacobian import FunctionalModel
 from .mstep import (
     BlockGamma,
@@ -127,19 +128,12 @@ class Laplace(nn.Module):
         curvature: str = "network",
     ) -> None:
         super().__init__()
-        if likelihood not in _LIKELIHOODS:
-            raise ValueError(
-                f"unknown likelihood {likelihood!r}; use 'regression' or 'classification'"
-            )
-        if solver not in ("cg", "sgd", "exact"):
-            raise ValueError(f"unknown solver {solver!r}; use 'cg', 'sgd' or 'exact'")
-        for what, val in (("prior_precision", prior_precision), ("sigma_noise", sigma_noise)):
-            if not (math.isfinite(val) and val > 0):
-                raise ValueError(f"{what} must be positive and finite, got {val}")
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        if curvature not in ("network", "mode"):
-            raise ValueError(f"unknown curvature {curvature!r}; use 'network' or 'mode'")
+        check_options(
+            likelihood=likelihood, likelihoods=_LIKELIHOODS, solver=solver,
+            prior_precision=prior_precision, sigma_noise=sigma_noise, n_samples=n_samples,
+            chunk_size=chunk_size, newton_steps=newton_steps, curvature=curvature,
+            generator=generator,
+        )  # fmt: skip
         has_bn = any(isinstance(m, _BN) for m in model.modules())
         if prior is None:
             prior = "g-prior" if has_bn else "layerwise"
@@ -360,11 +354,7 @@ class Laplace(nn.Module):
                         f"{f.shape[1]} classes [0, {f.shape[1] - 1}]"
                     )
             else:
-                if y.numel() != f.numel():
-                    raise ValueError(
-                        f"regression targets: expected shape {tuple(f.shape)} (the model output), "
-                        f"got {tuple(y.shape)}"
-                    )
+                check_targets(y, f)
                 if not torch.all(torch.isfinite(y)):
                     raise ValueError("regression targets contain NaN or inf")
             if first is None:
@@ -583,11 +573,11 @@ class Laplace(nn.Module):
             with torch.no_grad():
                 var_old = prior.variances().double()
                 q_b = var_old * prior.block_quadratic(theta_lin[None].double())[0]
-                new_var, gamma, unresolved = mackay_update(
+                new_var, gamma, unresolved, _ = mackay_update(
                     var_old, q_b, g, sizes, tied=cycle < tied, n_obs=n_obs
                 )
                 z_old, th_old = z, theta_lin  # not modified in place below
-                prior.set_variances(new_var)
+                prior.set_variances(new_var.clamp_min(1e-30))
                 if self.kind == "gaussian" and fit_noise:
                     ss = self._problem().residual_ss(theta_lin)
                     floor = 1e-6 * ss / max(n_obs, 1) + 1e-30
@@ -711,6 +701,8 @@ class Laplace(nn.Module):
 
     def _z(self, n: int | None, generator: torch.Generator | None) -> torch.Tensor:
         self._check_fitted()
+        if n is not None:
+            count("n_samples", n)
         if n is None or n <= self.samples.shape[0]:
             return self.samples if n is None else self.samples[:n]
         return self._draw(n, generator)
@@ -719,6 +711,7 @@ class Laplace(nn.Module):
         self, n_samples: int = 100, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Posterior weight samples θ* + z ``(n, d)`` (fresh draws; the model is not modified)."""
+        count("n_samples", n_samples)
         return self.fmodel.theta_star()[None] + self._draw(n_samples, generator)
 
     def _jz(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import jvp, vjp, vmap
 
+from .checks import check_labels
 from .jacobian import FunctionalModel
 
 __all__ = ["StreamingProblem", "SolveInfo", "cg_solve", "sgd_solve"]
@@ -105,7 +106,7 @@ class StreamingProblem:
                 x = x.to(self.dtype)
             y = y.to(self.device)
             if self.kind == "categorical":
-                y = y.long()
+                y = check_labels(y)
             else:
                 y = y.to(self.dtype)
             yield x, y

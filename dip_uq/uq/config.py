@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ __all__ = ["UQConfig", "DIPConfig", "PRIORS", "HYPER_MODES", "SOLVERS", "ESTIMAT
 PRIORS = ("matern", "normal", "g-prior")
 HYPER_MODES = ("em", "mll", "tv-map", "fixed")
 SOLVERS = tuple(sorted(_SOLVER_REGISTRY))  # the registered posterior solvers
-ESTIMATORS = ("function", "weight", "exact")
+ESTIMATORS = ("function", "weight", "paired", "exact")
 DTYPES = ("float32", "float64")
 #: TV weight per voxel at 28×28 (docs/methods.md §5), scaled by 784 / n_voxels by default
 TV_PER_784 = 1e-4
@@ -149,9 +149,16 @@ class UQConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.dip, dict):  # from_dict / keyword use
+            unknown = sorted(set(self.dip) - {f.name for f in fields(DIPConfig)})
+            if unknown:
+                raise ValueError(
+                    f"unknown DIP option(s) {unknown}; use {[f.name for f in fields(DIPConfig)]}"
+                )
             object.__setattr__(self, "dip", DIPConfig(**self.dip))
         if isinstance(self.dtype, torch.dtype):
             object.__setattr__(self, "dtype", str(self.dtype).replace("torch.", ""))
+        if self.solver_opts is not None and not isinstance(self.solver_opts, dict):
+            raise TypeError(f"solver_opts must be a dict, got {type(self.solver_opts).__name__}")
         object.__setattr__(self, "solver_opts", dict(self.solver_opts or {}))
         self.validate()
 

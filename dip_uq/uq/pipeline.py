@@ -9,6 +9,7 @@ noise term → predictive (docs/uncertainty.md, docs/methods.md §1-6).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from operators.base import check_operator
+from operators.base import check_device, check_operator
 
 from .calibration import split_heldout
-from .config import UQConfig
+from .config import DIPConfig, UQConfig
 from .linearised import build_laplace, exact_image_covariance, hyper_state
 from .result import UQResult
 from .stages import (
@@ -42,6 +43,9 @@ def check_problem(y: Any, operator: Any) -> torch.Tensor:
     contract the pipeline needs (``op(x)``, ``op.T(y)``, ``domain_shape``, ``range_shape``)."""
     _, rng = check_operator(operator)
     y = torch.as_tensor(y)
+    check_device(y, "sinogram y", "reconstruct_with_uncertainty")
+    if y.is_complex():
+        raise TypeError(f"sinogram y must be real, got dtype {y.dtype}")
     if not y.is_floating_point():
         y = y.float()
     if tuple(y.shape) != rng:
@@ -59,6 +63,10 @@ def _config(config: UQConfig | None, dip: Any, overrides: dict) -> UQConfig:
     if not isinstance(cfg, UQConfig):
         raise TypeError(f"config must be a UQConfig, got {type(cfg).__name__}")
     if isinstance(dip, dict):  # fit_dip settings given as a dict: the config's DIP part
+        known = sorted(f.name for f in dataclasses.fields(DIPConfig))
+        unknown = sorted(set(dip) - set(known))
+        if unknown:
+            raise TypeError(f"unknown DIP setting(s) {unknown} in dip=; the settings are {known}")
         overrides = {**overrides, "dip": dip}
     elif dip is not None and not isinstance(dip, nn.Module) and not hasattr(dip, "net"):
         raise TypeError(
@@ -66,6 +74,26 @@ def _config(config: UQConfig | None, dip: Any, overrides: dict) -> UQConfig:
             f"network, got {type(dip).__name__}"
         )
     return cfg.replace(**overrides) if overrides else cfg
+
+
+def _check_call(dip: Any, net_input: Any, generator: Any) -> None:
+    """The arguments beside the configuration (the configuration checks itself)."""
+    if net_input is not None and not isinstance(dip, nn.Module):
+        raise ValueError(
+            "net_input is the input of a trained network passed as dip=; with "
+            f"dip={type(dip).__name__ if dip is not None else None} it would be ignored "
+            "(a DIPResult carries its input; a DIP fitted here uses dip={'init': ...})"
+        )
+    if net_input is not None and not isinstance(net_input, torch.Tensor):
+        raise TypeError(f"net_input must be a tensor, got {type(net_input).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
+
+
+def _modes(dip: Any) -> dict[nn.Module, bool]:
+    """The train/eval flag of every module of the caller's network (restored after the call)."""
+    net = dip if isinstance(dip, nn.Module) else getattr(dip, "net", None)
+    return {m: m.training for m in net.modules()} if isinstance(net, nn.Module) else {}
 
 
 def reconstruct_with_uncertainty(
@@ -104,8 +132,28 @@ def reconstruct_with_uncertainty(
         scales and the held-out views' record.
     """
     cfg = _config(config, dip, overrides)  # every option validated before any work
+    _check_call(dip, net_input, generator)
     y = check_problem(y, operator)
     store = StageStore(checkpoint_dir, resume=resume)
+    modes = _modes(dip)
+    try:
+        return _reconstruct(y, operator, cfg, dip, net_input, store, generator, progress)
+    finally:  # the caller's network leaves in the mode it came in (success or failure)
+        for module, training in modes.items():
+            module.training = training
+
+
+def _reconstruct(
+    y: torch.Tensor,
+    operator: Any,
+    cfg: UQConfig,
+    dip: Any,
+    net_input: torch.Tensor | None,
+    store: StageStore,
+    generator: torch.Generator | None,
+    progress: bool,
+) -> UQResult:
+    """The stages, in order (the arguments are checked)."""
     notes, timings = Notes(), {}
     split = split_heldout(y, operator, float(cfg.holdout), seed=int(cfg.holdout_seed))
 

@@ -201,6 +201,7 @@ class UQResult:
         from ..io.atomic import atomic_write_text
         from ..plotting import save_panel
 
+        gt = None if ground_truth is None else _checked_truth(ground_truth, self.mean.shape)
         d = Path(directory).expanduser()
         d.mkdir(parents=True, exist_ok=True)
         mean = self.mean.detach().cpu().numpy()
@@ -226,10 +227,9 @@ class UQResult:
         images = {"reconstruction": mean, "std": std}
         calib = None
         metrics = self.summary()
-        if ground_truth is not None:
+        if gt is not None:
             from .evaluation import evaluate_uq
 
-            gt = torch.as_tensor(ground_truth).detach().cpu()
             metrics.update(evaluate_uq(self, gt, delta=delta))
             if self.components:  # the same truth against the raw predictive and each part
                 raw = UQResult(self.mean, self.uncalibrated_std, self.noise_var)
@@ -283,33 +283,88 @@ class UQResult:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> UQResult:
-        """Read a result written by :meth:`save`."""
+        """Read a result written by :meth:`save`. A missing file raises ``FileNotFoundError``;
+        a damaged or inconsistent one :class:`~dip_uq.errors.DataFormatError` naming the file
+        and the problem."""
+        from ..errors import DataFormatError
+
         d = Path(directory).expanduser()
         for name in ("result.npz", "result.json"):
             if not (d / name).is_file():
                 raise FileNotFoundError(f"{d / name}: missing (not a saved UQResult directory)")
-        with np.load(d / "result.npz") as data:
-            arrays = {k: torch.from_numpy(data[k].copy()) for k in data.files}
-        meta = json.loads((d / "result.json").read_text())
+        arrays = _read_npz(d / "result.npz")
+        meta = _read_json(d / "result.json")
+        missing = [k for k in ("mean", "std") if k not in arrays]
+        if missing:
+            raise DataFormatError(
+                f"{d / 'result.npz'}: no {' and no '.join(map(repr, missing))} array (it holds "
+                f"{sorted(arrays)}): not a saved UQResult, or damaged"
+            )
         components = {
             k[len("variance_") :]: v for k, v in arrays.items() if k.startswith("variance_")
         }
         heldout = {k[len("heldout_") :]: v for k, v in arrays.items() if k.startswith("heldout_")}
-        return cls(
-            mean=arrays["mean"],
-            std=arrays["std"],
-            components=components,
-            variance_scales={k: float(v) for k, v in meta.get("variance_scales", {}).items()},
-            calibration=meta.get("calibration"),
-            heldout=heldout,
-            noise_var=float(meta["noise_var"]),
-            prior_variance=meta.get("prior_variance", {}),
-            lengthscale=meta.get("lengthscale", {}),
-            trajectories=meta.get("trajectories", {}),
-            diagnostics=meta.get("diagnostics", {}),
-            samples=arrays.get("samples"),
-            covariance=arrays.get("covariance"),
+        try:
+            return cls(
+                mean=arrays["mean"],
+                std=arrays["std"],
+                components=components,
+                variance_scales={k: float(v) for k, v in meta.get("variance_scales", {}).items()},
+                calibration=meta.get("calibration"),
+                heldout=heldout,
+                noise_var=float(meta["noise_var"]),
+                prior_variance=meta.get("prior_variance", {}),
+                lengthscale=meta.get("lengthscale", {}),
+                trajectories=meta.get("trajectories", {}),
+                diagnostics=meta.get("diagnostics", {}),
+                samples=arrays.get("samples"),
+                covariance=arrays.get("covariance"),
+            )
+        except KeyError as err:
+            raise DataFormatError(f"{d / 'result.json'}: no {err} entry") from err
+        except (TypeError, ValueError, AttributeError) as err:
+            raise DataFormatError(f"{d}: not a consistent saved UQResult: {err}") from err
+
+
+def _read_npz(path: Path) -> dict[str, torch.Tensor]:
+    from ..errors import DataFormatError
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: torch.from_numpy(data[k].copy()) for k in data.files}
+    except Exception as err:  # numpy and zipfile raise many types for damaged archives
+        raise DataFormatError(
+            f"{path}: cannot read the arrays (truncated or corrupt?): {type(err).__name__}: {err}"
+        ) from err
+
+
+def _read_json(path: Path) -> dict:
+    from ..errors import DataFormatError
+
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise DataFormatError(f"{path}: not valid JSON (truncated?): {err}") from err
+    if not isinstance(meta, dict):
+        raise DataFormatError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _checked_truth(ground_truth: Any, shape: torch.Size) -> torch.Tensor:
+    """The ground truth of :meth:`UQResult.write_outputs`, checked before anything is written."""
+    gt = torch.as_tensor(ground_truth).detach().cpu()
+    if tuple(gt.shape) != tuple(shape):
+        raise ValueError(
+            f"write_outputs: ground truth shape {tuple(gt.shape)} does not match the "
+            f"reconstruction {tuple(shape)}"
         )
+    bad = ~torch.isfinite(gt)
+    if bad.any():
+        raise ValueError(
+            f"write_outputs: the ground truth contains {int(bad.sum())} NaN or infinite values "
+            f"(of {gt.numel()})"
+        )
+    return gt
 
 
 def _core_scores(m: dict) -> dict:

@@ -21,7 +21,7 @@ import torch
 
 from ..dip.checkpoint import atomic_save, load_checkpoint
 from ..errors import CheckpointError
-from ..io.atomic import remove_stale_temporaries
+from ..io.atomic import remove_stale_temporaries, writable_directory
 
 __all__ = ["StageStore", "digest"]
 
@@ -73,7 +73,11 @@ class StageStore:
         self.directory = Path(directory).expanduser() if directory is not None else None
         self.resume = bool(resume)
         self.recomputed: list[str] = []
-        if self.directory is not None and self.directory.is_dir():
+        if self.directory is not None:  # a file or a read-only place fails now, not after the DIP
+            try:
+                writable_directory(self.directory)
+            except OSError as err:
+                raise CheckpointError(f"checkpoint_dir {err}") from err
             for f in list(self.directory.glob("*.pt")):
                 remove_stale_temporaries(f)
             for f in self.directory.glob(".*.tmp*"):  # orphans of files never completed
