@@ -464,7 +464,9 @@ def run_case(
                 e = call("em", solver=s, setting=r["setting"])
                 r["em_cycle_s"], r["em_peak_mb"] = e["em_cycle_s"], e["peak_mb"]
         if case.sample_batch is not None and s in ("cg", "sgd-lowrank") and r["reached"]:
-            setting = dict(r["setting"]) if s != "cg" else {"tol": 0.0, "iterations": r["iterations"]}
+            setting = (
+                dict(r["setting"]) if s != "cg" else {"tol": 0.0, "iterations": r["iterations"]}
+            )
             b = call("batched", solver=s, setting=setting)
             r["batched"] = {
                 **b,
