@@ -162,8 +162,11 @@ def fit_em(
 
 def _snapshot(cycle: int, gen_start, hist: EMHistory, mode_init, sample_init) -> dict:
     """What ``resume_from`` needs besides the hyperparameters: the cycle count, the
-    generator's state at the start of EM, the history (without the preconditioner, which
-    stays in memory) and the warm starts."""
+    generator's state at the start of EM, the history, the warm starts and the factors of
+    a preconditioner carried to the next cycle (so a resumed run refreshes the same one and
+    ends bit for bit where an uninterrupted run ends)."""
+    from .solvers.cg import preconditioner_state
+
     return {
         "cycle": cycle,
         "generator": gen_start,
@@ -172,6 +175,7 @@ def _snapshot(cycle: int, gen_start, hist: EMHistory, mode_init, sample_init) ->
         },
         "mode_init": mode_init,
         "sample_init": sample_init,
+        "preconditioner": preconditioner_state(hist.preconditioner),
     }
 
 
@@ -204,6 +208,10 @@ def _resumed(resume_from: dict | None, n_cycles: int):
     if not 0 <= first <= n_cycles:
         raise ValueError(f"resume_from is at cycle {first}, outside 0..n_cycles={n_cycles}")
     hist = EMHistory(**resume_from["history"])
+    if resume_from.get("preconditioner") is not None:
+        from .solvers.cg import preconditioner_from_state
+
+        hist.preconditioner = preconditioner_from_state(resume_from["preconditioner"])
     return hist, resume_from["mode_init"], resume_from["sample_init"], first
 
 

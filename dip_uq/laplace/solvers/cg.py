@@ -136,6 +136,23 @@ def _woodbury(U: torch.Tensor, lam: torch.Tensor, dtype: torch.dtype, info: dict
     return apply
 
 
+def preconditioner_state(pre) -> dict | None:
+    """The factors of a Nyström P⁻¹ (U in the system's dtype, Λ, the Rayleigh quotients a
+    refresh compares against, how it was formed) as tensors and numbers, for a checkpoint;
+    None for no preconditioner or one of another kind."""
+    if pre is None or not all(hasattr(pre, a) for a in ("U", "lam", "rq", "info")):
+        return None
+    return {"U": pre.U, "lam": pre.lam, "rq": pre.rq, "info": dict(pre.info)}
+
+
+def preconditioner_from_state(state: dict):
+    """The P⁻¹ of :func:`preconditioner_state`, equal to the saved one bit for bit."""
+    U = state["U"]
+    pre = _woodbury(U.double(), state["lam"], U.dtype, dict(state["info"]))
+    pre.rq = state["rq"]
+    return pre
+
+
 def refreshed_preconditioner(system: LinearSystem, old):
     """``old`` (from :func:`nystrom_preconditioner` or an earlier refresh) rescaled to the
     system's current hyperparameters: Λ ← f Λ, f = the median over its top
