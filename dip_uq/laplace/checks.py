@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
 
 import torch
 
-__all__ = ["count", "check_options", "check_labels", "check_targets"]
+__all__ = [
+    "count",
+    "check_options",
+    "check_labels",
+    "check_targets",
+    "warn_if_random_transform",
+]
 
 
 def count(name: str, value: Any, *, minimum: int = 1) -> int:
@@ -80,3 +87,18 @@ def check_targets(y: torch.Tensor, f: torch.Tensor) -> None:
             f"regression targets: expected shape {tuple(f.shape)} (the model output), got "
             f"{tuple(y.shape)}"
         )
+
+
+def warn_if_random_transform(loader: Any) -> None:
+    """Warn when the loader's dataset has a transform: random augmentation makes the passes
+    over the data disagree."""
+    ds = getattr(loader, "dataset", None)
+    for attr in ("transform", "transforms"):
+        if getattr(ds, attr, None) is not None:
+            warnings.warn(
+                f"the loader's dataset has a {attr!r}: if it augments at random, the features "
+                "are non-deterministic and the curvature, noise and EM statistics of different "
+                "passes disagree; fit on an augmentation-free loader",
+                stacklevel=3,
+            )
+            return

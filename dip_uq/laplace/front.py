@@ -25,16 +25,17 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .checks import check_options, check_targets, count
-from .jacobian import FunctionalModel
-from .mstep import (
-    BlockGamma,
-    exact_gamma_from_precision,
-    mackay_update,
-    noise_update,
-    paired_block_gamma,
+from .checks import check_options, count, warn_if_random_transform
+from .front_hyper import (
+    block_gamma,
+    exact_evidence,
+    newton_mode,
+    run_em,
+    run_marglik,
 )
-from .params import NORM_LAYERS, all_weights
+from .jacobian import FunctionalModel
+from .mstep import BlockGamma
+from .params import all_weights, last_layer_predicate
 from .priors import BlockPrior
 from .solvers.exact import robust_cholesky
 from .streaming import SolveInfo, StreamingProblem, cg_solve, sgd_solve
@@ -43,40 +44,6 @@ __all__ = ["Laplace"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 _LIKELIHOODS = {"regression": "gaussian", "classification": "categorical"}
-
-
-def _last_layer_predicate(model: nn.Module) -> Callable:
-    """Select the parameters of the last module (in definition order) that owns trainable,
-    non-normalisation parameters."""
-    last = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, NORM_LAYERS):
-            continue
-        if any(p.requires_grad for p in mod.parameters(recurse=False)):
-            last = name
-    if last is None:
-        raise ValueError("subset_of_weights='last_layer': the model has no trainable layer")
-    prefix = f"{last}." if last else ""
-
-    def pred(name: str, param: nn.Parameter, module: nn.Module) -> bool:
-        return (
-            param.requires_grad and name.startswith(prefix) and name.count(".") == prefix.count(".")
-        )
-
-    return pred
-
-
-def _warn_if_random_transform(loader: Iterable) -> None:
-    ds = getattr(loader, "dataset", None)
-    for attr in ("transform", "transforms"):
-        if getattr(ds, attr, None) is not None:
-            warnings.warn(
-                f"the loader's dataset has a {attr!r}: if it augments at random, the features "
-                "are non-deterministic and the curvature, noise and EM statistics of different "
-                "passes disagree; fit on an augmentation-free loader",
-                stacklevel=3,
-            )
-            return
 
 
 class Laplace(nn.Module):
@@ -151,7 +118,7 @@ class Laplace(nn.Module):
         if subset_of_weights == "all":
             include: str | Callable = all_weights
         elif subset_of_weights == "last_layer":
-            include = _last_layer_predicate(model)
+            include = last_layer_predicate(model)
         elif callable(subset_of_weights):
             include = subset_of_weights
         else:
@@ -279,8 +246,9 @@ class Laplace(nn.Module):
         labels, draws the fixed sample noise (ξ ~ N(0, I_d) and Σ_n J_nᵀ L_n ε_n, one pass of
         VJPs), installs the g-prior scale, computes θ_lin and K posterior samples."""
         gen = generator if generator is not None else self.generator
-        _warn_if_random_transform(train_loader)
-        n_seen, m_out = self._validate(train_loader)
+        warn_if_random_transform(train_loader)
+        problem = StreamingProblem(self.fmodel, self.kind, train_loader, self._noise_var)
+        n_seen, m_out = problem.validate()
         if num_data is not None and num_data != n_seen:
             warnings.warn(
                 f"num_data={num_data} but the loader yielded {n_seen} data points; using {n_seen}",
@@ -319,62 +287,6 @@ class Laplace(nn.Module):
         if solve:
             self._solve_all()
         return self
-
-    def _validate(self, loader: Iterable) -> tuple[int, int]:
-        """One forward pass: check output shapes against the likelihood, labels, finiteness and
-        determinism of the first batch; returns (number of data points, outputs per datum)."""
-        problem = StreamingProblem(self.fmodel, self.kind, loader, self._noise_var)
-        n, m, first = 0, None, None
-        for x, y in problem.batches():
-            try:
-                f = self.fmodel.output(x)
-            except RuntimeError as err:
-                raise ValueError(
-                    f"the model cannot evaluate inputs of shape {tuple(x.shape)}: {err}"
-                ) from err
-            if f.shape[0] != x.shape[0]:
-                raise ValueError(
-                    f"model output has batch size {f.shape[0]} for {x.shape[0]} inputs"
-                )
-            if not torch.all(torch.isfinite(f)):
-                raise ValueError("the model output is not finite")
-            if self.kind == "categorical":
-                if f.dim() != 2 or f.shape[1] < 2:
-                    raise ValueError(
-                        "classification expects logits of shape (batch, classes >= 2), got "
-                        f"{tuple(f.shape)}; use likelihood='regression' for other outputs"
-                    )
-                if y.shape != f.shape[:1]:
-                    raise ValueError(
-                        f"classification labels: expected shape ({f.shape[0]},), got {tuple(y.shape)}"
-                    )
-                if y.numel() and (int(y.min()) < 0 or int(y.max()) >= f.shape[1]):
-                    raise ValueError(
-                        f"labels out of range: got [{int(y.min())}, {int(y.max())}], the model has "
-                        f"{f.shape[1]} classes [0, {f.shape[1] - 1}]"
-                    )
-            else:
-                check_targets(y, f)
-                if not torch.all(torch.isfinite(y)):
-                    raise ValueError("regression targets contain NaN or inf")
-            if first is None:
-                first = (x, f)
-            m = f[0].numel()
-            n += f.shape[0]
-        if n == 0:
-            raise ValueError("the loader yielded no data")
-        # determinism probe: the first batch again (only meaningful for non-shuffling loaders)
-        sampler = getattr(loader, "sampler", None)
-        if isinstance(sampler, torch.utils.data.SequentialSampler):
-            x2, _ = next(iter(problem.batches()))
-            if x2.shape == first[0].shape and not torch.equal(x2, first[0]):
-                warnings.warn(
-                    "the loader yields different features for the same data on two passes "
-                    "(augmentation?): features are non-deterministic, so the curvature and EM "
-                    "statistics are inconsistent; fit on an augmentation-free loader",
-                    stacklevel=3,
-                )
-        return n, int(m)
 
     # ---- solves -----------------------------------------------------------------------
     def _sample_rhs(self, xi: torch.Tensor, noise_t: torch.Tensor) -> torch.Tensor:
@@ -456,42 +368,7 @@ class Laplace(nn.Module):
             c, _ = problem.mode_rhs()
             u, _ = self._solve(problem, self._Lt(c[None]), init)
             return self._L(u)[0], u
-        u = (
-            self._Linv(problem.theta[None]) if init is None else init.clone()
-        )  # start at θ* (or warm)
-        obj = problem.categorical_loss(self._L(u)[0]) + 0.5 * float((u**2).sum())
-        at_mode = self.curvature == "mode"
-        for _ in range(self.newton_steps if n_newton is None else n_newton):
-            if at_mode:
-                self._set_curvature_point(self._L(u)[0])
-                problem = problem.with_shift(self._shift())
-            g_data, _ = problem.categorical_grad(self._L(u)[0])
-            g = self._Lt(g_data[None]) + u
-            step, _ = self._solve(problem, g, None)
-            half_decrement = 0.5 * float((g * step).sum())
-            if half_decrement < 1e-7 * max(abs(obj), 1.0):
-                # quadratic region: the predicted decrease is below what a float32 objective
-                # resolves, so a line search would reject the (good) full step
-                u = u - step
-                break
-            t = 1.0
-            for _ls in range(10):
-                u_new = u - t * step
-                obj_new = problem.categorical_loss(self._L(u_new)[0]) + 0.5 * float(
-                    (u_new**2).sum()
-                )
-                if obj_new <= obj - 1e-4 * t * float((g * step).sum()):
-                    break
-                t *= 0.5
-            else:
-                break
-            decrease = obj - obj_new
-            u, obj = u_new, obj_new
-            if decrease < 1e-6 * max(abs(obj), 1.0):
-                break
-        if at_mode:
-            self._set_curvature_point(self._L(u)[0])
-        return self._L(u)[0], u
+        return newton_mode(self, problem, init, n_newton)
 
     def _solve_all(self, u_mode=None, u_samp=None) -> tuple[SolveInfo, SolveInfo]:
         """θ_lin and K samples at the current hyperparameters (warm-started in u)."""
@@ -546,137 +423,16 @@ class Laplace(nn.Module):
         raise ValueError(f"unknown method {method!r}; use 'em' or 'marglik'")
 
     def _em(self, n_cycles, fit_noise, tied, verbose) -> dict[str, list]:
-        if n_cycles < 1:
-            raise ValueError(f"n_steps must be >= 1, got {n_cycles}")
-        prior, sel = self.prior, self.selection
-        nb = sel.n_blocks
-        if tied is None:
-            tied = min(2, n_cycles // 2) if nb > 1 else 0
-        sizes = sel.block_sizes().to(prior.log_variance.device).double()
-        n_obs = self.n_data * self.n_outputs
-        hist: dict[str, list] = {
-            "prior_precision": [],
-            "sigma_noise": [],
-            "gamma": [],
-            "unresolved": [],
-            "residual": [],
-            "converged": [],
-        }
-        u_mode, u_samp = getattr(self, "_u_mode", None), getattr(self, "_u_samp", None)
-        for cycle in range(n_cycles):
-            if cycle > 0:
-                info_m, info_s = self._solve_all(u_mode, u_samp)
-            else:
-                info_m = info_s = SolveInfo(0, [], 0.0, True)
-            theta_lin, z = self.theta_lin, self.samples
-            g = self._block_gamma()
-            with torch.no_grad():
-                var_old = prior.variances().double()
-                q_b = var_old * prior.block_quadratic(theta_lin[None].double())[0]
-                new_var, gamma, unresolved, _ = mackay_update(
-                    var_old, q_b, g, sizes, tied=cycle < tied, n_obs=n_obs
-                )
-                z_old, th_old = z, theta_lin  # not modified in place below
-                prior.set_variances(new_var.clamp_min(1e-30))
-                if self.kind == "gaussian" and fit_noise:
-                    ss = self._problem().residual_ss(theta_lin)
-                    floor = 1e-6 * ss / max(n_obs, 1) + 1e-30
-                    s2, _ = noise_update(ss, n_obs, gamma, g.total_se)
-                    self.log_sigma2.fill_(math.log(max(s2, floor)))
-                # warm starts: the same θ under the new prior
-                u_mode = self._Linv(th_old[None]).to(z.dtype)
-                u_samp = self._Linv(z_old).to(z.dtype)
-            hist["prior_precision"].append(self.prior_precision.clone())
-            hist["sigma_noise"].append(self.sigma_noise)
-            hist["gamma"].append(g.gamma.clone())
-            hist["unresolved"].append(unresolved.clone())
-            hist["residual"].append(max(info_m.residual, info_s.residual))
-            hist["converged"].append(info_m.converged and info_s.converged)
-            if verbose:
-                print(
-                    f"EM {cycle + 1}/{n_cycles}: gamma={gamma:.1f} "
-                    f"lambda={self.prior_precision.tolist()} sigma={self.sigma_noise:.4g}"
-                )
-        self._solve_all(u_mode, u_samp)
-        if nb > 1 and bool(unresolved.any()) and n_cycles > tied:
-            blocks = unresolved.nonzero().flatten().tolist()
-            why = (
-                "have γ ≈ 0: the data do not use them, so the evidence is flat in their "
-                "precision (it grows without bound; the predictive is unaffected)"
-                if self.solver == "exact"
-                else f"have γ within 3 Monte-Carlo standard errors of zero with "
-                f"{self.n_samples} samples: they kept their variance (raise n_samples, or "
-                "use prior='scalar')"
-            )
-            warnings.warn(f"EM: prior block(s) {blocks} {why}", stacklevel=3)
-        self.history = hist
-        return hist
+        return run_em(self, n_cycles, fit_noise, tied, verbose)
 
     def _block_gamma(self) -> BlockGamma:
-        """γ_b at the current hyperparameters: exact from the dense factor (solver='exact'),
-        else the paired estimate from the fit's prior draws ξ and whitened samples u."""
-        if self.solver == "exact":
-            return exact_gamma_from_precision(self._dense_chol(), self.selection.block_sum)
-        u = self._Linv(self.samples)
-        return paired_block_gamma(self.xi, u, self.selection.block_sum)
+        return block_gamma(self)
 
     def _marglik(self, fit_noise: bool, rounds: int) -> dict[str, list]:
-        params = [self.prior.log_variance]
-        log_s2 = self.log_sigma2.detach().clone().requires_grad_(True)
-        if self.kind == "gaussian" and fit_noise:
-            params.append(log_s2)
-        hist: dict[str, list] = {"log_marginal_likelihood": [], "prior_precision": []}
-        for _ in range(max(1, rounds if self.kind == "categorical" else 1)):
-            theta_fixed = self.theta_lin.double()
-            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
-
-            def closure(opt=opt, theta_fixed=theta_fixed):
-                opt.zero_grad()
-                loss = -self._exact_evidence(log_s2, theta_fixed)
-                loss.backward()
-                return loss
-
-            self.prior.log_variance.requires_grad_(True)
-            try:
-                opt.step(closure)
-            finally:
-                self.prior.log_variance.grad = None
-            with torch.no_grad():
-                self.log_sigma2.copy_(log_s2.detach())
-            self._solve_all()
-            hist["log_marginal_likelihood"].append(float(self.log_marginal_likelihood()))
-            hist["prior_precision"].append(self.prior_precision.clone())
-        self.history = hist
-        return hist
+        return run_marglik(self, fit_noise, rounds)
 
     def _exact_evidence(self, log_s2: torch.Tensor, theta_fixed: torch.Tensor) -> torch.Tensor:
-        """Exact log evidence (dense, float64, differentiable in log σ_b², log σ²).
-
-        Gaussian (exact for the affine tangent model): with l = diag L, P = l M₁ l/σ² + I,
-        u = P⁻¹ l b₁/σ², θ = l u: −½ SS(θ)/σ² − ½‖u‖² − ½ log|P| − (n_obs/2) log 2πσ²,
-        SS(θ) = c₀ − 2θᵀb₁ + θᵀM₁θ. Softmax (Laplace approximation of the linear model at a
-        fixed θ_lin): Σ log p(y|θ_lin) − ½ θ_linᵀΣ⁻¹θ_lin − ½ log|P|."""
-        dm = self._dense_M()
-        std = self._coord_std()
-        if self.kind == "gaussian":
-            s2 = log_s2.exp()
-            P = self._dense_P(s2, std)
-            C, _ = robust_cholesky(P)
-            bw = std * dm["b1"] / s2
-            u = torch.cholesky_solve(bw[:, None], C)[:, 0]
-            th = std * u
-            ss = dm["c0"] - 2 * th @ dm["b1"] + th @ dm["M"] @ th
-            n_obs = self.n_data * self.n_outputs
-            return (
-                -0.5 * ss / s2
-                - 0.5 * u @ u
-                - C.diagonal().log().sum()
-                - 0.5 * n_obs * (math.log(2 * math.pi) + log_s2)
-            )
-        P = self._dense_P(None, std)
-        C, _ = robust_cholesky(P)
-        loglik = -self._problem().categorical_loss(theta_fixed.to(self.fmodel.theta_star().dtype))
-        return loglik - 0.5 * ((theta_fixed / std) ** 2).sum() - C.diagonal().log().sum()
+        return exact_evidence(self, log_s2, theta_fixed)
 
     def log_marginal_likelihood(self) -> torch.Tensor:
         """Log evidence of the linearised model at the current hyperparameters (dense M; exact for

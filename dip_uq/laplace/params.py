@@ -194,3 +194,24 @@ class ParameterSelection:
         """Sum ``(..., d)`` coordinates per block -> ``(..., n_blocks)``."""
         out = values.new_zeros(*values.shape[:-1], self.n_blocks)
         return out.index_add(-1, self.block_index.to(values.device), values)
+
+
+def last_layer_predicate(model: nn.Module) -> Callable:
+    """Select the parameters of the last module (in definition order) that owns trainable,
+    non-normalisation parameters."""
+    last = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, NORM_LAYERS):
+            continue
+        if any(p.requires_grad for p in mod.parameters(recurse=False)):
+            last = name
+    if last is None:
+        raise ValueError("subset_of_weights='last_layer': the model has no trainable layer")
+    prefix = f"{last}." if last else ""
+
+    def pred(name: str, param: nn.Parameter, module: nn.Module) -> bool:
+        return (
+            param.requires_grad and name.startswith(prefix) and name.count(".") == prefix.count(".")
+        )
+
+    return pred

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import jvp, vjp, vmap
 
-from .checks import check_labels
+from .checks import check_labels, check_targets
 from .jacobian import FunctionalModel
 
 __all__ = ["StreamingProblem", "SolveInfo", "cg_solve", "sgd_solve"]
@@ -241,6 +241,61 @@ class StreamingProblem:
             logp = torch.log_softmax(f + jd[0], dim=-1)
             loss -= float(logp.gather(1, y[:, None]).sum())
         return loss
+
+    def validate(self) -> tuple[int, int]:
+        """One forward pass: check output shapes against the likelihood, labels, finiteness and
+        determinism of the first batch; returns (number of data points, outputs per datum)."""
+        n, m, first = 0, None, None
+        for x, y in self.batches():
+            try:
+                f = self.fmodel.output(x)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"the model cannot evaluate inputs of shape {tuple(x.shape)}: {err}"
+                ) from err
+            if f.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"model output has batch size {f.shape[0]} for {x.shape[0]} inputs"
+                )
+            if not torch.all(torch.isfinite(f)):
+                raise ValueError("the model output is not finite")
+            if self.kind == "categorical":
+                if f.dim() != 2 or f.shape[1] < 2:
+                    raise ValueError(
+                        "classification expects logits of shape (batch, classes >= 2), got "
+                        f"{tuple(f.shape)}; use likelihood='regression' for other outputs"
+                    )
+                if y.shape != f.shape[:1]:
+                    raise ValueError(
+                        f"classification labels: expected shape ({f.shape[0]},), got {tuple(y.shape)}"
+                    )
+                if y.numel() and (int(y.min()) < 0 or int(y.max()) >= f.shape[1]):
+                    raise ValueError(
+                        f"labels out of range: got [{int(y.min())}, {int(y.max())}], the model has "
+                        f"{f.shape[1]} classes [0, {f.shape[1] - 1}]"
+                    )
+            else:
+                check_targets(y, f)
+                if not torch.all(torch.isfinite(y)):
+                    raise ValueError("regression targets contain NaN or inf")
+            if first is None:
+                first = (x, f)
+            m = f[0].numel()
+            n += f.shape[0]
+        if n == 0:
+            raise ValueError("the loader yielded no data")
+        # determinism probe: the first batch again (only meaningful for non-shuffling loaders)
+        sampler = getattr(self.loader, "sampler", None)
+        if isinstance(sampler, torch.utils.data.SequentialSampler):
+            x2, _ = next(iter(self.batches()))
+            if x2.shape == first[0].shape and not torch.equal(x2, first[0]):
+                warnings.warn(
+                    "the loader yields different features for the same data on two passes "
+                    "(augmentation?): features are non-deterministic, so the curvature and EM "
+                    "statistics are inconsistent; fit on an augmentation-free loader",
+                    stacklevel=3,
+                )
+        return n, int(m)
 
     def residual_ss(self, theta_lin: torch.Tensor) -> float:
         """Σ_n ‖y_n − f_n − J_n(θ_lin − θ*)‖², the tangent model's residual (Gaussian; one
