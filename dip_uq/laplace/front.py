@@ -34,6 +34,7 @@ from .front_hyper import (
     run_marglik,
 )
 from .jacobian import FunctionalModel
+from .likelihoods import class_probabilities
 from .mstep import BlockGamma
 from .params import all_weights, last_layer_predicate
 from .priors import BlockPrior
@@ -522,15 +523,12 @@ class Laplace(nn.Module):
         predictive)."""
         if pred_type != "glm":
             raise ValueError(f"pred_type {pred_type!r} is not supported; use 'glm'")
+        if self.kind != "gaussian" and link_approx not in ("probit", "mc"):
+            raise ValueError(f"unknown link_approx {link_approx!r}; use 'probit' or 'mc'")
         f, jz = self._jz(x, self._z(n_samples, generator))
         if self.kind == "gaussian":
             return f, (jz**2).mean(0)
-        if link_approx == "mc":
-            return torch.softmax(f[None] + jz, dim=-1).mean(0)
-        if link_approx == "probit":
-            v = (jz**2).mean(0)
-            return torch.softmax(f / torch.sqrt(1 + math.pi / 8 * v), dim=-1)
-        raise ValueError(f"unknown link_approx {link_approx!r}; use 'probit' or 'mc'")
+        return class_probabilities(f, jz, link_approx)
 
     def exact_functional_variance(self, x: torch.Tensor) -> torch.Tensor:
         """Exact diag J(x) H⁻¹ J(x)ᵀ (dense, float64; small models): reference for tests."""

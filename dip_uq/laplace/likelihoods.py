@@ -19,7 +19,7 @@ from torch import nn
 
 from operators.base import check_operator
 
-__all__ = ["Gaussian", "Categorical"]
+__all__ = ["Gaussian", "Categorical", "class_probabilities"]
 
 
 class Gaussian(nn.Module):
@@ -140,3 +140,17 @@ class Categorical(nn.Module):
 def _check_positive(what: str, value: float) -> None:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{what} must be positive and finite, got {value}")
+
+
+def class_probabilities(f: torch.Tensor, jz: torch.Tensor, link: str = "probit") -> torch.Tensor:
+    """Predictive class probabilities ``(n, C)`` from the logits f ``(n, C)`` and the
+    linearised logit perturbations J z_k ``(K, n, C)`` of K posterior samples.
+
+    ``"mc"``: mean_k softmax(f + J z_k); ``"probit"``: softmax(f·κ), κ = (1 + π/8 v)^{-½} with
+    v = mean_k (J z_k)² (the probit approximation of the Gaussian-softmax integral)."""
+    if link == "mc":
+        return torch.softmax(f[None] + jz, dim=-1).mean(0)
+    if link == "probit":
+        v = (jz**2).mean(0)
+        return torch.softmax(f / torch.sqrt(1 + math.pi / 8 * v), dim=-1)
+    raise ValueError(f"unknown link {link!r}; use 'probit' or 'mc'")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .jacobian import FunctionalModel
-from .likelihoods import Categorical, Gaussian
+from .likelihoods import Categorical, Gaussian, class_probabilities
 from .priors import BlockPrior
 from .solvers import LinearSystem, Noise, Solver, SolverResult, make_solver
 from .solvers.exact import robust_cholesky
@@ -203,14 +203,9 @@ class LinearisedLaplace(nn.Module):
 
         ``"mc"``: mean over k of softmax; ``"probit"``: softmax(f·κ), κ = (1 + π/8 v)^{-½},
         v = mean_k (J z_k)²."""
-        f = self.fmodel.output(x)
-        jz = self.functional_samples(z, x)
-        if link == "mc":
-            return torch.softmax(f[None] + jz, dim=-1).mean(0)
-        if link == "probit":
-            v = (jz**2).mean(0)
-            return torch.softmax(f / torch.sqrt(1 + math.pi / 8 * v), dim=-1)
-        raise ValueError(f"unknown link {link!r}; use 'probit' or 'mc'")
+        if link not in ("probit", "mc"):
+            raise ValueError(f"unknown link {link!r}; use 'probit' or 'mc'")
+        return class_probabilities(self.fmodel.output(x), self.functional_samples(z, x), link)
 
     # ---- hyperparameters -------------------------------------------------------------
     def set_g_prior(

@@ -37,6 +37,191 @@ def resolve_precond(precond, full: bool):
     return precond
 
 
+def _check_batch(system: LinearSystem, batch_size: int | None) -> bool:
+    """Whether the run uses full batches (minibatches need observations grouped by datum)."""
+    if batch_size is not None and batch_size < system.n_data and not system.per_datum:
+        raise ValueError("minibatches need observations grouped by datum (leading dim = data)")
+    return batch_size is None or batch_size >= system.n_data
+
+
+def _setup_precond(
+    system: LinearSystem,
+    precond,
+    full: bool,
+    generator: torch.Generator | None,
+    precond_rank: int,
+    oversample: int,
+    precond_chunk_size: int | None,
+    precond_store: bool,
+):
+    """The P⁻¹ of the run: None, a built :class:`LowRankPreconditioner` or the callable
+    passed (``precond`` resolved by :func:`resolve_precond`, then checked)."""
+    precond = resolve_precond(precond, full)
+    if isinstance(precond, str):
+        if precond != "lowrank":
+            raise ValueError(
+                f"precond must be None, 'auto', 'lowrank' or a callable, got {precond!r}"
+            )
+        if not full and not precond_store:
+            raise ValueError(
+                "precond='lowrank' with minibatches needs precond_store=True (the "
+                "matrix-free preconditioner touches every data point at each step)"
+            )
+        precond = lowrank_preconditioner(
+            system,
+            precond_rank,
+            oversample,
+            generator,
+            chunk_size=precond_chunk_size,
+            store=precond_store,
+        )
+    elif precond is not None and not callable(precond):
+        raise TypeError(
+            f"precond must be None, 'auto', 'lowrank' or a callable, got {type(precond)}"
+        )
+    return precond
+
+
+def _lr_momentum(
+    system: LinearSystem,
+    precond,
+    lr: float | None,
+    momentum: float | str,
+    generator: torch.Generator | None,
+) -> tuple[float, float]:
+    """``(lr, momentum)``: defaults from λ_max of the (preconditioned) objective, checked."""
+    lam_max = None
+    if lr is None or momentum == "auto":
+        if precond is None:
+            lam_max = system.lambda_max(generator=generator)
+        elif isinstance(precond, LowRankPreconditioner):  # cached on the object
+            lam_max = precond.lambda_max(generator) - 1.0
+        else:  # λ_max(P⁻¹P) − 1, so that "+ 1" below is the preconditioned λ_max
+            lam_max = preconditioned_lambda_max(system, precond, generator=generator) - 1.0
+    if lr is None:
+        lr = 1.0 / (lam_max + 1.0)
+    if momentum == "auto":
+        momentum = auto_momentum(lam_max)
+    elif not 0.0 <= float(momentum) < 1.0:
+        raise ValueError(f"momentum must be in [0, 1) or 'auto', got {momentum!r}")
+    return lr, momentum
+
+
+class _Objective:
+    """The K objectives ½ uᵀ(ĜᵀĜ + I)u − bᵀu: gradients, values and relative residuals."""
+
+    def __init__(
+        self, system: LinearSystem, noise: Noise | None, t: torch.Tensor | None, scale: float
+    ) -> None:
+        self.system, self.scale = system, scale
+        # The gradient (ĜᵀĜ + I)u − b is formed as Ĝᵀ(Ĝu − e) + u − x₀ (e = ε, x₀ = ξ for
+        # samples; e = t, x₀ = 0 for the mean), so b = x₀ + Ĝᵀe is never stored: with K
+        # samples of a large net every K × d buffer counts (peak memory, issue 4).
+        self.e = noise.eps if t is None else t
+        self.x0 = noise.xi if t is None else None
+        e, x0 = self.e, self.x0
+        bnorm = (x0 + system.Ghat_t(e)) if x0 is not None else system.Ghat_t(e)
+        self.bnorm = bnorm.norm(dim=1).clamp_min(1e-30)
+
+    def grad(self, u, idx):
+        """(gradient ``(K, d)``, Ĝu − e on the batch) at u; in place where possible."""
+        system, e, x0 = self.system, self.e, self.x0
+        w = system.Ghat(u, idx)
+        w = w - (e if idx is None else e[:, system.obs_index(idx)])
+        g = system.Ghat_t(w, idx)
+        if self.scale != 1.0:
+            g.mul_(self.scale)
+        g.add_(u)
+        return (g if x0 is None else g.sub_(x0)), w
+
+    def value(self, u, w):  # ½uᵀPu − bᵀu = ½‖Ĝu − e‖² + ½‖u − x₀‖² − ½‖e‖² − ½‖x₀‖²
+        e, x0 = self.e, self.x0
+        q = (w.square().sum(1) - e.square().sum(1)).mean()
+        if x0 is None:
+            return 0.5 * float(q + u.square().sum(1).mean())
+        return 0.5 * float(q + ((u - x0).square().sum(1) - x0.square().sum(1)).mean())
+
+    def residual(self, g) -> float:
+        """Mean relative gradient ‖g‖/‖b‖ over the K objectives."""
+        return float((g.norm(dim=1) / self.bnorm).mean())
+
+
+def _initial_u(system: LinearSystem, init: torch.Tensor | None, x0) -> torch.Tensor:
+    """The start u ``(K, d)``: ``init``, else ξ for samples, else 0 for the mean."""
+    # samples start at the prior draw ξ: along an eigendirection of ĜᵀĜ with eigenvalue μ
+    # u* − ξ is O(1), while u₀ = ξ + Ĝᵀε is off by ~√μ (both exact where μ = 0)
+    if init is not None:
+        return init.to(system.dtype).clone()
+    if x0 is not None:
+        return x0.clone()
+    return torch.zeros(1, system.d, dtype=system.dtype, device=system.device)
+
+
+def _iterate(
+    obj: _Objective,
+    u: torch.Tensor,
+    step,
+    lr: float,
+    momentum: float,
+    *,
+    iterations: int,
+    tol: float,
+    full: bool,
+    batch_size: int | None,
+    generator: torch.Generator | None,
+    polyak: bool,
+    check_every: int,
+    callback,
+) -> tuple[torch.Tensor, int, list[float], list[float]]:
+    """Nesterov steps on u (in place): ``(u or its Polyak average, iterations run,
+    residual trace, objective trace)``."""
+    system = obj.system
+    apply_ = getattr(step, "apply_", None)  # in-place P⁻¹ (saves one K × d buffer)
+    vel = torch.zeros_like(u)
+    avg, n_avg = (torch.zeros_like(u) if polyak else None), 0  # K×d: only when used
+    trace: list[float] = []
+    objective: list[float] = []
+    it = 0
+    for it in range(1, iterations + 1):
+        idx = None
+        if not full:
+            idx = torch.randperm(system.n_data, generator=generator, device=system.device)[
+                :batch_size
+            ]
+        look = torch.add(u, vel, alpha=momentum)
+        g, w = obj.grad(look, idx)
+        check = it % check_every == 0
+        if check:
+            if full:
+                gr, wr = g, w
+            else:
+                gr, wr = obj.grad(look, None)
+            res = obj.residual(gr)
+            if not math.isfinite(res):
+                raise FloatingPointError(
+                    f"SGD diverged: non-finite residual at iteration {it} (lr={lr:.3g}); pass a smaller lr"
+                )
+            trace.append(res)
+            objective.append(obj.value(look, wr))  # its gap shrinks to 0
+            del gr, wr
+        del look, w
+        g = apply_(g) if apply_ is not None else step(g)
+        vel.mul_(momentum).sub_(g, alpha=lr)
+        del g
+        u.add_(vel)
+        if polyak and it > iterations // 2:
+            n_avg += 1
+            avg += (u - avg) / n_avg
+        if check:
+            if res < tol and not polyak:
+                break
+            current = avg if (polyak and n_avg > 0) else u
+            if callback is not None and callback(it, lambda c=current: system.prior.sqrt_mv(c)):
+                break
+    out = avg if (polyak and n_avg > 0) else u
+    return out, it, trace, objective
+
+
 def sample_sgd(
     system: LinearSystem,
     n: int = 1,
@@ -87,125 +272,36 @@ def sample_sgd(
         noise = noise or draw_noise(system, n, generator)
     with torch.no_grad():
         t = None if target is None else system.primal_rhs(None, target)[1]  # checked (1, n_obs)
-        if batch_size is not None and batch_size < system.n_data and not system.per_datum:
-            raise ValueError("minibatches need observations grouped by datum (leading dim = data)")
-        full = batch_size is None or batch_size >= system.n_data
-        precond = resolve_precond(precond, full)
-        if isinstance(precond, str):
-            if precond != "lowrank":
-                raise ValueError(
-                    f"precond must be None, 'auto', 'lowrank' or a callable, got {precond!r}"
-                )
-            if not full and not precond_store:
-                raise ValueError(
-                    "precond='lowrank' with minibatches needs precond_store=True (the "
-                    "matrix-free preconditioner touches every data point at each step)"
-                )
-            precond = lowrank_preconditioner(
-                system,
-                precond_rank,
-                oversample,
-                generator,
-                chunk_size=precond_chunk_size,
-                store=precond_store,
-            )
-        elif precond is not None and not callable(precond):
-            raise TypeError(
-                f"precond must be None, 'auto', 'lowrank' or a callable, got {type(precond)}"
-            )
+        full = _check_batch(system, batch_size)
+        precond = _setup_precond(
+            system,
+            precond,
+            full,
+            generator,
+            precond_rank,
+            oversample,
+            precond_chunk_size,
+            precond_store,
+        )
         step = precond if precond is not None else (lambda v: v)  # noqa: E731
-        lam_max = None
-        if lr is None or momentum == "auto":
-            if precond is None:
-                lam_max = system.lambda_max(generator=generator)
-            elif isinstance(precond, LowRankPreconditioner):  # cached on the object
-                lam_max = precond.lambda_max(generator) - 1.0
-            else:  # λ_max(P⁻¹P) − 1, so that "+ 1" below is the preconditioned λ_max
-                lam_max = preconditioned_lambda_max(system, precond, generator=generator) - 1.0
-        if lr is None:
-            lr = 1.0 / (lam_max + 1.0)
-        if momentum == "auto":
-            momentum = auto_momentum(lam_max)
-        elif not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"momentum must be in [0, 1) or 'auto', got {momentum!r}")
-        scale = 1.0 if full else system.n_data / batch_size
-        # The gradient (ĜᵀĜ + I)u − b is formed as Ĝᵀ(Ĝu − e) + u − x₀ (e = ε, x₀ = ξ for
-        # samples; e = t, x₀ = 0 for the mean), so b = x₀ + Ĝᵀe is never stored: with K
-        # samples of a large net every K × d buffer counts (peak memory, issue 4).
-        e = noise.eps if t is None else t
-        x0 = noise.xi if t is None else None
-
-        def grad(u, idx):
-            """(gradient ``(K, d)``, Ĝu − e on the batch) at u; in place where possible."""
-            w = system.Ghat(u, idx)
-            w = w - (e if idx is None else e[:, system.obs_index(idx)])
-            g = system.Ghat_t(w, idx)
-            if scale != 1.0:
-                g.mul_(scale)
-            g.add_(u)
-            return (g if x0 is None else g.sub_(x0)), w
-
-        def objective_of(u, w):  # ½uᵀPu − bᵀu = ½‖Ĝu − e‖² + ½‖u − x₀‖² − ½‖e‖² − ½‖x₀‖²
-            q = (w.square().sum(1) - e.square().sum(1)).mean()
-            if x0 is None:
-                return 0.5 * float(q + u.square().sum(1).mean())
-            return 0.5 * float(q + ((u - x0).square().sum(1) - x0.square().sum(1)).mean())
-
-        bnorm = (x0 + system.Ghat_t(e)) if x0 is not None else system.Ghat_t(e)
-        bnorm = bnorm.norm(dim=1).clamp_min(1e-30)
-        apply_ = getattr(step, "apply_", None)  # in-place P⁻¹ (saves one K × d buffer)
-
-        # samples start at the prior draw ξ: along an eigendirection of ĜᵀĜ with eigenvalue μ
-        # u* − ξ is O(1), while u₀ = ξ + Ĝᵀε is off by ~√μ (both exact where μ = 0)
-        if init is not None:
-            u = init.to(system.dtype).clone()
-        elif x0 is not None:
-            u = x0.clone()
-        else:
-            u = torch.zeros(1, system.d, dtype=system.dtype, device=system.device)
-        vel = torch.zeros_like(u)
-        avg, n_avg = (torch.zeros_like(u) if polyak else None), 0  # K×d: only when used
-        trace: list[float] = []
-        objective: list[float] = []
-        it = 0
-        for it in range(1, iterations + 1):
-            idx = None
-            if not full:
-                idx = torch.randperm(system.n_data, generator=generator, device=system.device)[
-                    :batch_size
-                ]
-            look = torch.add(u, vel, alpha=momentum)
-            g, w = grad(look, idx)
-            check = it % check_every == 0
-            if check:
-                if full:
-                    gr, wr = g, w
-                else:
-                    gr, wr = grad(look, None)
-                res = float((gr.norm(dim=1) / bnorm).mean())
-                if not math.isfinite(res):
-                    raise FloatingPointError(
-                        f"SGD diverged: non-finite residual at iteration {it} (lr={lr:.3g}); pass a smaller lr"
-                    )
-                trace.append(res)
-                objective.append(objective_of(look, wr))  # its gap shrinks to 0
-                del gr, wr
-            del look, w
-            g = apply_(g) if apply_ is not None else step(g)
-            vel.mul_(momentum).sub_(g, alpha=lr)
-            del g
-            u.add_(vel)
-            if polyak and it > iterations // 2:
-                n_avg += 1
-                avg += (u - avg) / n_avg
-            if check:
-                if res < tol and not polyak:
-                    break
-                current = avg if (polyak and n_avg > 0) else u
-                if callback is not None and callback(it, lambda c=current: system.prior.sqrt_mv(c)):
-                    break
-        out = avg if (polyak and n_avg > 0) else u
-        final = float((grad(out, None)[0].norm(dim=1) / bnorm).mean())
+        lr, momentum = _lr_momentum(system, precond, lr, momentum, generator)
+        obj = _Objective(system, noise, t, 1.0 if full else system.n_data / batch_size)
+        out, it, trace, objective = _iterate(
+            obj,
+            _initial_u(system, init, obj.x0),
+            step,
+            lr,
+            momentum,
+            iterations=iterations,
+            tol=tol,
+            full=full,
+            batch_size=batch_size,
+            generator=generator,
+            polyak=polyak,
+            check_every=check_every,
+            callback=callback,
+        )
+        final = obj.residual(obj.grad(out, None)[0])
         theta = system.prior.sqrt_mv(out)
     return SolverResult(
         theta,
