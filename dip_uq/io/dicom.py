@@ -83,6 +83,113 @@ def _slice_meta(ds: Any) -> dict:
     }
 
 
+def _scan_folder(folder: Path, pydicom: Any) -> list[tuple[Path, Any]]:
+    """``(path, dataset)`` of every DICOM image file in ``folder``, sorted by path."""
+    found = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path)
+        except pydicom.errors.InvalidDicomError:
+            continue  # not DICOM (README, thumbnails, ...)
+        except Exception as err:
+            raise DataFormatError(f"{path}: damaged DICOM file: {err}") from err
+        if "PixelData" not in ds:
+            continue  # DICOMDIR or other non-image objects
+        found.append((path, ds))
+    if not found:
+        raise DataFormatError(f"{folder}: no DICOM image files found")
+    return found
+
+
+def _select_series(
+    found: list[tuple[Path, Any]], folder: Path, series_uid: str | None
+) -> list[tuple[Path, Any]]:
+    """The files of one series: the only one, or ``series_uid`` when given."""
+    uids = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in found})
+    if series_uid is None and len(uids) > 1:
+        raise DataFormatError(
+            f"{folder}: holds {len(uids)} series {uids}; pass series_uid= to choose one"
+        )
+    if series_uid is not None:
+        if series_uid not in uids:
+            raise DataFormatError(f"{folder}: no series {series_uid!r}; found {uids}")
+        found = [
+            (p, ds) for p, ds in found if str(getattr(ds, "SeriesInstanceUID", "")) == series_uid
+        ]
+    return found
+
+
+def _slice_normal(first: Any) -> np.ndarray:
+    """``row_cosine x col_cosine`` of a slice (axial when it has no orientation)."""
+    iop = getattr(first, "ImageOrientationPatient", None)
+    row_c = np.array([float(v) for v in iop[:3]]) if iop is not None else np.array([1.0, 0, 0])
+    col_c = np.array([float(v) for v in iop[3:]]) if iop is not None else np.array([0, 1.0, 0])
+    return np.cross(row_c, col_c)
+
+
+def _sort_slices(
+    found: list[tuple[Path, Any]], normal: np.ndarray
+) -> tuple[list[tuple[Path, Any]], list[float] | None]:
+    """Slices in increasing position along ``normal`` (else by ``InstanceNumber``), with
+    the positions (None when a slice has no ``ImagePositionPatient``)."""
+
+    def position(ds: Any) -> float | None:
+        ipp = getattr(ds, "ImagePositionPatient", None)
+        return None if ipp is None else float(np.dot(normal, [float(v) for v in ipp]))
+
+    pos = [position(ds) for _, ds in found]
+    if all(p is not None for p in pos):
+        order = np.argsort(pos, kind="stable")
+    else:
+        nums = [int(getattr(ds, "InstanceNumber", i)) for i, (_, ds) in enumerate(found)]
+        order = np.argsort(nums, kind="stable")
+        pos = None
+    return [found[i] for i in order], pos
+
+
+def _stack_slices(found: list[tuple[Path, Any]], dy_dx: tuple[float, float]) -> np.ndarray:
+    """The HU volume ``(z, y, x)``; every slice must share the shape and pixel spacing."""
+    slices = []
+    for path, ds in found:
+        img = _hu(ds, path)
+        if slices and img.shape != slices[0].shape:
+            raise DataFormatError(
+                f"{path}: slice shape {img.shape} differs from {slices[0].shape} of "
+                f"{found[0][0].name}"
+            )
+        if _pixel_spacing(ds, path) != dy_dx:
+            raise DataFormatError(
+                f"{path}: PixelSpacing {_pixel_spacing(ds, path)} differs from {dy_dx}"
+            )
+        slices.append(img)
+    return np.stack(slices, 0)
+
+
+def _slice_spacing(
+    found: list[tuple[Path, Any]], pos: list[float] | None, first: Any, folder: Path
+) -> float:
+    """Slice spacing in mm: the median gap of the sorted positions, else
+    ``SpacingBetweenSlices`` or ``SliceThickness``; warns when the gaps are not uniform."""
+    if pos is not None and len(found) > 1:
+        zs = np.sort(np.asarray(pos))
+        gaps = np.diff(zs)
+        if np.any(gaps <= 0):
+            dup = [found[i][0].name for i in np.nonzero(gaps <= 0)[0]]
+            raise DataFormatError(f"{folder}: slices at the same position: {dup}")
+        dz = float(np.median(gaps))
+        if np.max(np.abs(gaps - dz)) > 0.01 * dz:
+            warnings.warn(
+                f"{folder}: slice spacing is not uniform ({gaps.min():g}..{gaps.max():g} mm); "
+                f"using the median {dz:g} mm",
+                stacklevel=3,  # the caller of read_dicom_series
+            )
+    else:
+        dz = float(
+            getattr(first, "SpacingBetweenSlices", None) or getattr(first, "SliceThickness", 1.0)
+        )
+    return dz
+
+
 def read_dicom_series(
     folder: str | os.PathLike, *, series_uid: str | None = None
 ) -> tuple[np.ndarray, tuple[float, float, float], dict]:
@@ -103,83 +210,15 @@ def read_dicom_series(
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: DICOM folder not found")
-    found = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        try:
-            ds = pydicom.dcmread(path)
-        except pydicom.errors.InvalidDicomError:
-            continue  # not DICOM (README, thumbnails, ...)
-        except Exception as err:
-            raise DataFormatError(f"{path}: damaged DICOM file: {err}") from err
-        if "PixelData" not in ds:
-            continue  # DICOMDIR or other non-image objects
-        found.append((path, ds))
-    if not found:
-        raise DataFormatError(f"{folder}: no DICOM image files found")
-    uids = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in found})
-    if series_uid is None and len(uids) > 1:
-        raise DataFormatError(
-            f"{folder}: holds {len(uids)} series {uids}; pass series_uid= to choose one"
-        )
-    if series_uid is not None:
-        if series_uid not in uids:
-            raise DataFormatError(f"{folder}: no series {series_uid!r}; found {uids}")
-        found = [
-            (p, ds) for p, ds in found if str(getattr(ds, "SeriesInstanceUID", "")) == series_uid
-        ]
+    found = _select_series(_scan_folder(folder, pydicom), folder, series_uid)
 
     first_path, first = found[0]
-    iop = getattr(first, "ImageOrientationPatient", None)
-    row_c = np.array([float(v) for v in iop[:3]]) if iop is not None else np.array([1.0, 0, 0])
-    col_c = np.array([float(v) for v in iop[3:]]) if iop is not None else np.array([0, 1.0, 0])
-    normal = np.cross(row_c, col_c)
-
-    def position(ds: Any) -> float | None:
-        ipp = getattr(ds, "ImagePositionPatient", None)
-        return None if ipp is None else float(np.dot(normal, [float(v) for v in ipp]))
-
-    pos = [position(ds) for _, ds in found]
-    if all(p is not None for p in pos):
-        order = np.argsort(pos, kind="stable")
-    else:
-        nums = [int(getattr(ds, "InstanceNumber", i)) for i, (_, ds) in enumerate(found)]
-        order = np.argsort(nums, kind="stable")
-        pos = None
-    found = [found[i] for i in order]
+    normal = _slice_normal(first)
+    found, pos = _sort_slices(found, normal)
 
     dy_dx = _pixel_spacing(first, first_path)
-    slices = []
-    for path, ds in found:
-        img = _hu(ds, path)
-        if slices and img.shape != slices[0].shape:
-            raise DataFormatError(
-                f"{path}: slice shape {img.shape} differs from {slices[0].shape} of "
-                f"{found[0][0].name}"
-            )
-        if _pixel_spacing(ds, path) != dy_dx:
-            raise DataFormatError(
-                f"{path}: PixelSpacing {_pixel_spacing(ds, path)} differs from {dy_dx}"
-            )
-        slices.append(img)
-    volume = np.stack(slices, 0)
-
-    if pos is not None and len(found) > 1:
-        zs = np.sort(np.asarray(pos))
-        gaps = np.diff(zs)
-        if np.any(gaps <= 0):
-            dup = [found[i][0].name for i in np.nonzero(gaps <= 0)[0]]
-            raise DataFormatError(f"{folder}: slices at the same position: {dup}")
-        dz = float(np.median(gaps))
-        if np.max(np.abs(gaps - dz)) > 0.01 * dz:
-            warnings.warn(
-                f"{folder}: slice spacing is not uniform ({gaps.min():g}..{gaps.max():g} mm); "
-                f"using the median {dz:g} mm",
-                stacklevel=2,
-            )
-    else:
-        dz = float(
-            getattr(first, "SpacingBetweenSlices", None) or getattr(first, "SliceThickness", 1.0)
-        )
+    volume = _stack_slices(found, dy_dx)
+    dz = _slice_spacing(found, pos, first, folder)
     meta = _slice_meta(found[0][1])
     meta.update(
         files=[p for p, _ in found],
