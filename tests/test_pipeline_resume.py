@@ -69,9 +69,7 @@ def _interrupt_after(monkeypatch, name: str):
         monkeypatch.setattr(module, "atomic_save", save)
 
 
-@pytest.mark.parametrize(
-    "stage", ["dip_checkpoint", "em_cycle", "hyper", "samples", "noise_term"]
-)
+@pytest.mark.parametrize("stage", ["dip_checkpoint", "em_cycle", "hyper", "samples", "noise_term"])
 def test_interrupted_run_resumes_bit_for_bit(problem, tmp_path, monkeypatch, stage):
     ref = _run(problem, tmp_path / "ref", seed=5)
     with monkeypatch.context() as m:
