@@ -112,7 +112,9 @@ class UQConfig:
     ``lengthscale`` and ``noise_var`` (``None``: the DIP's residual). Hyperparameters:
     ``hyper`` (:data:`HYPER_MODES`), ``tied`` (``None``: per-block for EM, tied otherwise),
     ``em_cycles``, ``em_samples``, ``em_solver`` (``None``: ``solver``), ``em_estimator``
-    (``None``: exact with the exact solver, else function-space), ``tv_weight`` and
+    (:data:`ESTIMATORS`; ``None``: exact with the exact solver, else function-space;
+    ``"paired"`` resolves per-block variances with far fewer samples, docs/methods.md §3),
+    ``tv_weight`` and
     ``tv_scale`` of the TV-PredCP hyperprior. Samples: ``solver`` (:data:`SOLVERS`),
     ``solver_opts`` (the options of ``solver`` and of the EM solver, checked against the
     solver registry: :func:`~dip_uq.laplace.solvers.make_solver`), ``n_samples``,
