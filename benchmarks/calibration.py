@@ -167,6 +167,44 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(rows: list[dict]) -> str:
+    """The default predictive per case, and how many cases meet each target."""
+    f3 = lambda v: f"{v:.3f}"  # noqa: E731
+    lines = [
+        "| case | split | PSNR | s | cov 50 / 90 | z std | LL − oracle | held-out 90 (meas. / "
+        "pred. image) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    checks = {
+        "90 % coverage in [0.85, 0.95]": lambda im, m: 0.85 <= im["coverage"]["0.9"] <= 0.95,
+        "50 % coverage in [0.42, 0.58]": lambda im, m: 0.42 <= im["coverage"]["0.5"] <= 0.58,
+        "z std in [0.8, 1.25]": lambda im, m: 0.8 <= im["zscore_std"] <= 1.25,
+        "LL above the constant-std oracle": lambda im, m: im["test_ll"] > im["constant_ll"],
+        "held-out measurement 90 % within 0.05": lambda im, m: (
+            abs(m["heldout"]["0.9"] - im["coverage"]["0.9"]) <= 0.05
+        ),
+        "held-out predicted image 90 % within 0.05": lambda im, m: (
+            abs(m["predicted"]["0.9"] - im["coverage"]["0.9"]) <= 0.05
+        ),
+    }
+    met = dict.fromkeys(checks, 0)
+    for r in rows:
+        mode = next(iter(r["modes"]))  # the default mode is written first
+        m = r["modes"][mode]
+        im = m["image"]
+        lines.append(
+            f"| {r['case']} | {r['split']} | {r['psnr']:.2f} | {r['seconds']:.0f} | "
+            f"{f3(im['coverage']['0.5'])} / {f3(im['coverage']['0.9'])} | "
+            f"{im['zscore_std']:.2f} | {im['test_ll'] - im['constant_ll']:+.3f} | "
+            f"{f3(m['heldout']['0.9'])} / {f3(m['predicted']['0.9'])} |"
+        )
+        for name, ok in checks.items():
+            met[name] += bool(ok(im, m))
+    lines += ["", f"| target | cases meeting it (of {len(rows)}) |", "|---|---|"]
+    lines += [f"| {name} | {n} |" for name, n in met.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--split", choices=("tune", "test", "all", "3d"), default="all")
@@ -178,6 +216,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.table is not None:
         rows = [json.loads(f.read_text()) for f in sorted(args.table.glob("*.json"))]
+        print(summary(rows))
         print(table(rows))
         return 0
     names = args.cases or [
@@ -196,7 +235,7 @@ def main(argv=None) -> int:
             else run_case(n, args.out, args.threads, args.quick)
         )
         print(f"{n}: done", flush=True)
-    md = table(rows)
+    md = summary(rows) + "\n" + table(rows)
     (args.out / "table.md").write_text(md)
     print(md)
     return 0
