@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 __all__ = [
     "DataFormatError",
     "GeometryFileError",
     "CheckpointError",
     "NonFiniteError",
+    "require_finite",
 ]
 
 
@@ -30,3 +35,13 @@ class NonFiniteError(FloatingPointError):
     def __init__(self, message: str, *, stage: str | None = None) -> None:
         super().__init__(message)
         self.stage = stage
+
+
+def require_finite(t: Any, what: str) -> None:
+    """Raise ``ValueError("{what} contains N NaN or infinite values (of M)")`` when the
+    tensor ``t`` is not finite everywhere: an input check run before any work."""
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        raise ValueError(
+            f"{what} contains {int(bad.sum())} NaN or infinite values (of {t.numel()})"
+        )

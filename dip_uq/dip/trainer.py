@@ -33,6 +33,7 @@ from torch import nn
 
 from operators.base import check_device, check_operator
 
+from ..errors import require_finite
 from ..io.atomic import remove_stale_temporaries, writable_directory
 from .checkpoint import CheckpointError, load_checkpoint
 from .run import CHECKPOINT_FORMAT, DIPResult, DIPRun, Settings
@@ -181,11 +182,7 @@ def _check_y(y: Any, range_shape: tuple[int, ...]) -> torch.Tensor:
             f"sinogram shape {tuple(y.shape)} does not match the operator's range "
             f"{range_shape} (2D: (angles, detector); 3D: (det_rows, angles, det_cols))"
         )
-    bad = ~torch.isfinite(y)
-    if bad.any():
-        raise ValueError(
-            f"sinogram y contains {int(bad.sum())} NaN or infinite values (of {y.numel()})"
-        )
+    require_finite(y, "sinogram y")
     return y
 
 
@@ -270,11 +267,7 @@ def _check_ground_truth(ground_truth: Any, domain: tuple[int, ...]) -> torch.Ten
     gt = torch.as_tensor(ground_truth).detach().to("cpu", torch.float64)
     if tuple(gt.shape) != domain:
         raise ValueError(f"ground_truth shape {tuple(gt.shape)} does not match the volume {domain}")
-    bad = ~torch.isfinite(gt)
-    if bad.any():
-        raise ValueError(
-            f"ground_truth contains {int(bad.sum())} NaN or infinite values (of {gt.numel()})"
-        )
+    require_finite(gt, "ground_truth")
     return gt
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import require_finite
 from ..metrics import (
     _same_shape,
     _t,
@@ -142,12 +143,7 @@ def evaluate_uq(
     mean, std = _t(result.mean).double(), _t(result.std).double()
     _same_shape(x, mean, "evaluate_uq")
     for name, t in (("the ground truth", x), ("the result's mean", mean), ("its std", std)):
-        bad = ~torch.isfinite(t)
-        if bad.any():  # a NaN would turn every score into nan without a word
-            raise ValueError(
-                f"evaluate_uq: {name} contains {int(bad.sum())} NaN or infinite values "
-                f"(of {t.numel()})"
-            )
+        require_finite(t, f"evaluate_uq: {name}")  # a NaN would make every score nan silently
     if not (math.isfinite(delta) and delta >= 0):
         raise ValueError(f"evaluate_uq: delta must be a finite variance >= 0, got {delta!r}")
     std_pred = (std**2 + delta).sqrt()

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import require_finite
+
 __all__ = ["UQResult"]
 
 _ARRAYS = ("mean", "std", "samples", "covariance")
@@ -358,12 +360,7 @@ def _checked_truth(ground_truth: Any, shape: torch.Size) -> torch.Tensor:
             f"write_outputs: ground truth shape {tuple(gt.shape)} does not match the "
             f"reconstruction {tuple(shape)}"
         )
-    bad = ~torch.isfinite(gt)
-    if bad.any():
-        raise ValueError(
-            f"write_outputs: the ground truth contains {int(bad.sum())} NaN or infinite values "
-            f"(of {gt.numel()})"
-        )
+    require_finite(gt, "write_outputs: the ground truth")
     return gt
 
 
