@@ -100,7 +100,7 @@ def worker_ours(cfg: dict) -> dict:
             "classification",
             n_samples=cfg["k"],
             newton_steps=1,
-            solver_opts={"max_iter": cfg["cg_iter"], "tol": 1e-9},
+            solver_opts={"iterations": cfg["cg_iter"], "tol": 1e-9},
         )
         t0 = time.perf_counter()
         import warnings

@@ -85,7 +85,7 @@ def test_sampled_predictive_matches_exact(kind):
 def test_streaming_solvers_match_exact_draw_by_draw(solver, tol):
     """With the stored noise (ξ, Σ Jᵀ L ε) the streamed solvers reach the exact z = L P⁻¹ u₀."""
     net, x, y, loader = _toy("classification", n_out=3)
-    opts = {"tol": 1e-5} if solver == "cg" else {"epochs": 80}
+    opts = {"tol": 1e-5} if solver == "cg" else {"iterations": 80 * len(loader)}
     la = Laplace(
         net, "classification", n_samples=8, solver=solver, solver_opts=opts, generator=_gen(3)
     )
@@ -156,7 +156,7 @@ def test_em_improves_digits_nll_over_fixed_prior():
         n_samples=16,
         generator=_gen(6),
         newton_steps=2,
-        solver_opts={"tol": 1e-2, "max_iter": 40},
+        solver_opts={"tol": 1e-2, "iterations": 40},
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # loose CG budget: convergence warnings are expected
@@ -221,7 +221,7 @@ def test_resnet_with_batchnorm_fit_em_predict():
             n_samples=4,
             generator=_gen(8),
             newton_steps=1,
-            solver_opts={"max_iter": 8, "tol": 1e-2},
+            solver_opts={"iterations": 8, "tol": 1e-2},
         )
     assert la.prior_kind == "g-prior"
     assert not any("bn" in n or "short.1" in n for n in la.selection.names)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .evidence import lbfgs_maximise
 from .mstep import BlockGamma, mackay_update, noise_update
 from .solvers import draw_noise, get_solver, make_solver
 from .solvers.registry import Solver
@@ -335,35 +336,16 @@ def _lengthscale_mstep(prior, theta_lin, m_z, blocks, steps: int = 30, lr: float
 
 def maximise_evidence(la, max_iter: int = 100, fit_noise: bool = True) -> float:
     """Exact type-II maximum likelihood (small Gaussian problems): L-BFGS in float64 over the
-    per-block log σ_b² (and log σ²) of the exact evidence; updates ``la`` in place and returns
+    per-block log σ_b² (and log σ²) of the exact evidence log p(y | σ_b², σ²)
+    (:func:`~dip_uq.laplace.evidence.lbfgs_maximise`); updates ``la`` in place and returns
     the maximised log evidence."""
     lik = la._gaussian("the exact evidence maximiser")
     AJ = la.dense_observation_jacobian()
-    prior = la.prior
-    params = [prior.log_variance] + ([lik.log_noise_var] if fit_noise else [])
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.LBFGS(
+    params = [la.prior.log_variance] + ([lik.log_noise_var] if fit_noise else [])
+    return lbfgs_maximise(
+        lambda: la.log_marginal_likelihood(AJ),
         params,
-        lr=1.0,
         max_iter=max_iter,
-        line_search_fn="strong_wolfe",
         tolerance_grad=1e-10,
         tolerance_change=1e-14,
     )
-
-    def closure():
-        opt.zero_grad()
-        loss = -la.log_marginal_likelihood(AJ)
-        loss.backward()
-        return loss
-
-    try:
-        opt.step(closure)
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-            p.grad = None
-    with torch.no_grad():
-        return float(la.log_marginal_likelihood(AJ))

@@ -34,12 +34,13 @@ from .front_hyper import (
     run_marglik,
 )
 from .jacobian import FunctionalModel
-from .likelihoods import class_probabilities
+from .likelihoods import Categorical, Gaussian, class_probabilities
 from .mstep import BlockGamma
 from .params import all_weights, last_layer_predicate
 from .priors import BlockPrior
+from .solvers import Noise, Solver, SolverResult, make_solver
 from .solvers.exact import robust_cholesky
-from .streaming import SolveInfo, StreamingProblem, cg_solve, sgd_solve
+from .streaming import StreamingSystem
 
 __all__ = ["Laplace"]
 
@@ -62,10 +63,14 @@ class Laplace(nn.Module):
         prior_precision: initial λ = 1/σ_b².
         sigma_noise: initial noise std σ (regression).
         n_samples: number K of posterior samples kept for predictions and EM.
-        solver: ``"cg"`` (streaming primal CG, default), ``"sgd"`` (minibatch Nesterov SGD)
-            or ``"exact"`` (dense float64 M, small models only).
-        solver_opts: options for the solver (cg: ``tol``, ``max_iter``; sgd: ``epochs``,
-            ``lr``, ``momentum``, ``polyak``).
+        solver: a registered engine solver on the streamed data: ``"cg"`` (primal CG, one
+            pass per iteration; default), ``"sgd"`` (Nesterov SGD over the loader's
+            minibatches, Polyak-averaged) or ``"exact"`` (dense float64 M, small models only).
+        solver_opts: the solver's options (:func:`~dip_uq.laplace.solvers.make_solver`; an
+            unknown one raises ``ValueError``). The engine's defaults, except sgd:
+            ``polyak=True``, ``iterations`` = 50 epochs of the loader, ``check_every`` = one
+            epoch, ``lr`` = 0.1/(λ̂ + 1) with λ̂ the first minibatch's scaled λ_max. cg's ``tol`` holds for every right-hand side (θ_lin's included: EM's σ²
+            and precisions need it tight on ill-conditioned GGNs).
         chunk_size: ``vmap`` chunk size for JVP/VJP over samples (bounds memory).
         generator: default generator for all random draws.
         newton_steps: at most this many damped Newton steps for the classification θ_lin.
@@ -135,9 +140,7 @@ class Laplace(nn.Module):
         self.kind = _LIKELIHOODS[likelihood]
         self.prior_kind = prior
         self.prior = BlockPrior(self.selection, "normal", 1.0 / prior_precision)
-        self.register_buffer(
-            "log_sigma2", torch.tensor(2 * math.log(sigma_noise), dtype=torch.float64)
-        )
+        self.lik = Gaussian(sigma_noise**2) if self.kind == "gaussian" else Categorical()
         self.n_samples = n_samples
         self.solver = solver
         self.solver_opts = dict(solver_opts or {})
@@ -155,6 +158,8 @@ class Laplace(nn.Module):
             self.register_buffer(name, None)
         self.n_data: int | None = None
         self.n_outputs: int | None = None
+        self.n_batches: int | None = None
+        self._exact: tuple | None = None
         self.loader: Iterable | None = None
         self._dense: dict | None = None
         self.history: dict[str, list] = {}
@@ -164,6 +169,13 @@ class Laplace(nn.Module):
     def d(self) -> int:
         """Number of linearised parameters."""
         return self.selection.d
+
+    @property
+    def log_sigma2(self) -> torch.Tensor:
+        """log σ² (the Gaussian likelihood's parameter; 0 for classification)."""
+        if self.kind == "gaussian":
+            return self.lik.log_noise_var
+        return torch.zeros((), dtype=torch.float64, device=self.prior.log_variance.device)
 
     @property
     def sigma_noise(self) -> float:
@@ -177,13 +189,14 @@ class Laplace(nn.Module):
     def _noise_var(self) -> float:
         return float(self.log_sigma2.exp()) if self.kind == "gaussian" else 1.0
 
-    def _problem(self, loader: Iterable | None = None) -> StreamingProblem:
-        loader = loader if loader is not None else self.loader
-        if loader is None:
+    def _system(self) -> StreamingSystem:
+        """The engine's GGN over the fitted loader at the current hyperparameters."""
+        if self.loader is None:
             raise RuntimeError("call fit(train_loader) first")
-        return StreamingProblem(
-            self.fmodel, self.kind, loader, self._noise_var, self.chunk_size, self._shift()
-        )
+        return StreamingSystem(
+            self.fmodel, self.lik, self.prior, self.loader, self._shift(), self.n_data,
+            self.n_outputs,
+        )  # fmt: skip
 
     def _shift(self) -> torch.Tensor | None:
         """δ = θ_c − θ* for the curvature point θ_c (None: the network's logits)."""
@@ -200,38 +213,29 @@ class Laplace(nn.Module):
         self._curv_theta = None if theta is None else theta.detach().clone()
         self._curv_version += 1
         self._dense = None
-        self._chol_cache = None
+        self._exact = None
 
-    def _mode_noise(self, problem: StreamingProblem) -> torch.Tensor:
-        """Σ_n J_nᵀ L_n ε_n at the current curvature point with the fit's fixed ε (its seed)."""
+    def _mode_noise(self, system: StreamingSystem) -> torch.Tensor:
+        """Gᵀε at the current curvature point with the fit's fixed ξ, ε (their seed)."""
         gen = torch.Generator(device=self._noise_device).manual_seed(self.noise_seed)
-        return problem.noise_pass(self.n_samples, gen)[0]
+        return system.draw_noise(self.n_samples, gen).gt_eps
 
     def _check_fitted(self) -> None:
         if self.samples is None:
             raise RuntimeError("call fit(train_loader) before predicting or sampling")
 
-    # ---- whitened-coordinate products (θ = L u) ---------------------------------------
-    # Every front-door prior is diagonal (block Normal, optionally g-prior scaled), so L is the
-    # per-coordinate std: products are elementwise in the vectors' own dtype (no float64 copy
-    # of a (K, d) block, which at ResNet-18 size is K × 90 MB).
-    def _std_as(self, v: torch.Tensor) -> torch.Tensor:
-        return self._coord_std().detach().to(device=v.device, dtype=v.dtype)
-
+    # ---- whitened-coordinate products (θ = L u, the engine prior's products) -----------
     @torch.no_grad()
     def _L(self, u: torch.Tensor) -> torch.Tensor:
-        return u * self._std_as(u)
+        return self.prior.sqrt_mv(u)
 
     @torch.no_grad()
     def _Lt(self, v: torch.Tensor) -> torch.Tensor:
-        return v * self._std_as(v)
+        return self.prior.sqrt_t_mv(v)
 
     @torch.no_grad()
     def _Linv(self, v: torch.Tensor) -> torch.Tensor:
-        return v / self._std_as(v)
-
-    def _P(self, problem: StreamingProblem) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda u: self._Lt(problem.ggn_mv(self._L(u))) + u
+        return self.prior.sqrt_inv_mv(v)
 
     # ---- fit --------------------------------------------------------------------------
     def fit(
@@ -248,17 +252,17 @@ class Laplace(nn.Module):
         VJPs), installs the g-prior scale, computes θ_lin and K posterior samples."""
         gen = generator if generator is not None else self.generator
         warn_if_random_transform(train_loader)
-        problem = StreamingProblem(self.fmodel, self.kind, train_loader, self._noise_var)
-        n_seen, m_out = problem.validate()
+        probe = StreamingSystem(self.fmodel, self.lik, self.prior, train_loader)
+        n_seen, m_out = probe.validate()
         if num_data is not None and num_data != n_seen:
             warnings.warn(
                 f"num_data={num_data} but the loader yielded {n_seen} data points; using {n_seen}",
                 stacklevel=2,
             )
         self.loader = train_loader
-        self.n_data, self.n_outputs = n_seen, m_out
+        self.n_data, self.n_outputs, self.n_batches = n_seen, m_out, probe.n_batches
         self._set_curvature_point(None)
-        problem = self._problem()
+        system = self._system()
         gdev = gen.device if gen is not None else torch.device("cpu")
         if self.curvature == "mode" and self.kind == "categorical":
             # ε is redrawn whenever the curvature point moves: keep its seed, not ε (n_data-sized)
@@ -267,19 +271,21 @@ class Laplace(nn.Module):
             noise_gen = torch.Generator(device=gdev).manual_seed(self.noise_seed)
         else:
             self.noise_seed, noise_gen = None, gen
-        noise_t, n2, _ = problem.noise_pass(self.n_samples, noise_gen)
+        # ξ then ε, the order of the in-memory engine (same seed, same samples)
+        xi = torch.randn(self.n_samples, self.d, generator=noise_gen, dtype=system.dtype,
+                         device=gdev).to(system.device)  # fmt: skip
+        gt_eps, n2, _ = system.noise_t(self.n_samples, noise_gen)
         if n2 != n_seen:
             warnings.warn(
                 "the loader yielded a different number of data points on a second pass "
                 f"({n_seen} then {n2}): is it an exhausted iterator or does it drop data at random?",
                 stacklevel=2,
             )
-        self.noise_t = noise_t
-        self.xi = torch.randn(
-            self.n_samples, self.d, generator=gen, dtype=problem.dtype, device=gdev
-        ).to(problem.device)
+        # kept at unit noise (Σ Jᵀ W̃ᵀε with σ = 1): EM moves σ² under fixed draws
+        self.noise_t = gt_eps * math.sqrt(self._noise_var())
+        self.xi = xi
         self._dense = None
-        self._chol_cache = None
+        self._exact = None
         if self.prior_kind == "g-prior":
             # Hutchinson estimate of diag M reusing the sample noise (docs/methods.md §4)
             diag = (self.noise_t**2).mean(0) / self._noise_var()
@@ -294,42 +300,60 @@ class Laplace(nn.Module):
         """u₀ = ξ + Lᵀ Gᵀε with Gᵀε = σ⁻¹ Σ Jᵀε (Gaussian) or Σ Jᵀ L_n ε_n (softmax)."""
         return xi + self._Lt(noise_t / math.sqrt(self._noise_var()))
 
+    def _engine_solver(self, system: StreamingSystem) -> Solver:
+        """The registered solver with the front door's defaults and ``solver_opts``; the
+        exact one holds its dense factors, cached while the hyperparameters are unchanged
+        (the Newton steps for θ_lin and the sample solve of one EM cycle share them)."""
+        base = {}
+        if self.solver == "sgd":
+            nb = max(int(self.n_batches or 1), 1)
+            base = {"polyak": True, "iterations": 50 * nb, "check_every": nb}
+            if "lr" not in self.solver_opts:
+                # minibatch noise sets a floor ∝ lr under a constant step: a tenth of the
+                # full-batch step 1/(λ̂ + 1), with momentum 0.9 an effective step of 1/(λ̂ + 1)
+                base["lr"] = 0.1 / (system.lambda_max(generator=self._lr_generator()) + 1.0)
+        solver = make_solver(self.solver, **{**base, **self.solver_opts})
+        if self.solver != "exact":
+            return solver
+        std = self._coord_std().detach()
+        key = (self._noise_var(), self._curv_version)
+        cached = self._exact
+        if cached is None or cached[1] != key or not torch.equal(cached[0], std):
+            self._exact = (std.clone(), key, solver.precondition(system))
+        return self._exact[2]
+
+    def _lr_generator(self) -> torch.Generator:
+        """A fixed-seed generator for the step-size power iteration (deterministic runs)."""
+        return torch.Generator(device=self.fmodel.theta_star().device).manual_seed(0)
+
     def _solve(
-        self, problem: StreamingProblem, b: torch.Tensor, init: torch.Tensor | None
-    ) -> tuple[torch.Tensor, SolveInfo]:
-        opts = dict(self.solver_opts)
-        if self.solver == "exact":
-            u = torch.cholesky_solve(b.double().T, self._dense_chol()).T.to(b.dtype)
-            return u, SolveInfo(0, [], 0.0, True)
-        if self.solver == "cg":
-            return cg_solve(self._P(problem), b, init, **opts)
-        return sgd_solve(problem, self._L, self._Lt, b, self.n_data, init, **opts)
+        self, system: StreamingSystem, b: torch.Tensor, init: torch.Tensor | None
+    ) -> tuple[torch.Tensor, SolverResult]:
+        """u = (Lᵀ M L + I)⁻¹ b for right-hand sides ``b`` ``(K, d)`` by the engine's solver."""
+        res = self._engine_solver(system).sample(
+            system, b.shape[0], noise=Noise(b, None), init=init
+        )
+        u = res.state.get("u")
+        return (self._Linv(res.samples) if u is None else u), res
+
+    def _dense_chol(self) -> torch.Tensor:
+        """Cholesky factor of the dense P = Lᵀ M L + I (the exact solver's cached factors)."""
+        return self._engine_solver(self._system()).options.factors["chol"]
 
     def _dense_M(self) -> dict:
+        """Dense float64 pieces of the evidence: Gaussian M₁ = Σ JᵀJ, b₁, c₀ at unit noise;
+        softmax M = Σ Jᵀ B J (cached; small models only)."""
         if self._dense is None:
             if self.d > 20000:
                 raise ValueError(
                     f"the exact (dense) path needs a d×d matrix; d = {self.d} is too large: use "
                     "solver='cg' or 'sgd' and EM"
                 )
-            self._dense = self._problem().dense()
+            system = self._system()
+            self._dense = (
+                system.dense_moments() if self.kind == "gaussian" else {"M": system.dense_ggn()}
+            )
         return self._dense
-
-    def _dense_chol(self) -> torch.Tensor:
-        """Cholesky factor of the dense P, cached while the hyperparameters are unchanged (the
-        Newton steps for θ_lin and the sample solve of one EM cycle share it)."""
-        std = self._coord_std().detach()
-        key = (std, (self._noise_var(), self._curv_version))
-        cache = getattr(self, "_chol_cache", None)
-        if (
-            cache is None
-            or cache[1] != key[1]
-            or cache[0].device != std.device
-            or not torch.equal(cache[0], std)
-        ):
-            C, _ = robust_cholesky(self._dense_P())
-            self._chol_cache = (std.clone(), key[1], C)
-        return self._chol_cache[2]
 
     def _coord_std(self) -> torch.Tensor:
         """Diagonal of L (all front-door priors are diagonal): σ_b s_i per coordinate, float64."""
@@ -353,7 +377,7 @@ class Laplace(nn.Module):
 
     def linear_mode(
         self,
-        problem: StreamingProblem | None = None,
+        system: StreamingSystem | None = None,
         init: torch.Tensor | None = None,
         n_newton: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,35 +388,35 @@ class Laplace(nn.Module):
         curvature P is the one at the network's logits (``curvature="network"``, a fixed
         preconditioner) or at the current iterate (``"mode"``: exact Newton, and the
         curvature point is left at the returned θ_lin)."""
-        problem = problem or self._problem()
+        system = system or self._system()
         if self.kind == "gaussian":
-            c, _ = problem.mode_rhs()
-            u, _ = self._solve(problem, self._Lt(c[None]), init)
+            c, _ = system.target_t()
+            u, _ = self._solve(system, self._Lt(c[None]), init)
             return self._L(u)[0], u
-        return newton_mode(self, problem, init, n_newton)
+        return newton_mode(self, system, init, n_newton)
 
-    def _solve_all(self, u_mode=None, u_samp=None) -> tuple[SolveInfo, SolveInfo]:
+    def _solve_all(self, u_mode=None, u_samp=None) -> tuple[SolverResult, SolverResult]:
         """θ_lin and K samples at the current hyperparameters (warm-started in u)."""
-        problem = self._problem()
+        system = self._system()
         if self.kind == "gaussian" and self.solver != "exact":
             b = self._sample_rhs(self.xi, self.noise_t)
             # one solve for the mode and the K samples together (same matrix P)
-            c, _ = problem.mode_rhs()
+            c, _ = system.target_t()
             rhs = torch.cat([self._Lt(c[None]), b])
             init = None
             if u_mode is not None and u_samp is not None:
                 init = torch.cat([u_mode, u_samp])
-            u, info = self._solve(problem, rhs, init)
+            u, info = self._solve(system, rhs, init)
             u_mode, u_samp = u[:1], u[1:]
             theta_lin = self._L(u_mode)[0]
             info_m = info_s = info
         else:
-            theta_lin, u_mode = self.linear_mode(problem, u_mode)
+            theta_lin, u_mode = self.linear_mode(system, u_mode)
             if self.curvature == "mode" and self.kind == "categorical":
-                problem = self._problem()  # the curvature now sits at θ_lin
-                self.noise_t = self._mode_noise(problem)
+                system = self._system()  # the curvature now sits at θ_lin
+                self.noise_t = self._mode_noise(system)
             b = self._sample_rhs(self.xi, self.noise_t)
-            u_samp, info_s = self._solve(problem, b, u_samp)
+            u_samp, info_s = self._solve(system, b, u_samp)
             info_m = info_s
         self.theta_lin = theta_lin.detach()
         self.samples = self._L(u_samp).detach()
@@ -447,13 +471,9 @@ class Laplace(nn.Module):
         """``n`` fresh zero-mean posterior samples z ~ N(0, H⁻¹) ``(n, d)``."""
         self._check_fitted()
         gen = generator if generator is not None else self.generator
-        problem = self._problem()
-        noise_t, _, _ = problem.noise_pass(n, gen)
-        gdev = gen.device if gen is not None else torch.device("cpu")
-        xi = torch.randn(n, self.d, generator=gen, dtype=problem.dtype, device=gdev).to(
-            problem.device
-        )
-        u, _ = self._solve(problem, self._sample_rhs(xi, noise_t), None)
+        system = self._system()
+        noise = system.draw_noise(n, gen)
+        u, _ = self._solve(system, system.primal_b(noise), None)
         return self._L(u)
 
     def _z(self, n: int | None, generator: torch.Generator | None) -> torch.Tensor:

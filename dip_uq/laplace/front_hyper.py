@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from .evidence import lbfgs_maximise
 from .mstep import (
     BlockGamma,
     exact_gamma_from_precision,
@@ -17,8 +18,8 @@ from .mstep import (
     noise_update,
     paired_block_gamma,
 )
+from .solvers import SolverResult
 from .solvers.exact import robust_cholesky
-from .streaming import SolveInfo
 
 __all__ = ["block_gamma", "exact_evidence", "newton_mode", "run_em", "run_marglik"]
 
@@ -45,7 +46,7 @@ def run_em(la, n_cycles, fit_noise, tied, verbose) -> dict[str, list]:
         if cycle > 0:
             info_m, info_s = la._solve_all(u_mode, u_samp)
         else:
-            info_m = info_s = SolveInfo(0, [], 0.0, True)
+            info_m = info_s = SolverResult(la.samples[:0], 0)
         theta_lin, z = la.theta_lin, la.samples
         g = la._block_gamma()
         with torch.no_grad():
@@ -57,7 +58,7 @@ def run_em(la, n_cycles, fit_noise, tied, verbose) -> dict[str, list]:
             z_old, th_old = z, theta_lin  # not modified in place below
             prior.set_variances(new_var.clamp_min(1e-30))
             if la.kind == "gaussian" and fit_noise:
-                ss = la._problem().residual_ss(theta_lin)
+                ss = la._system().residual_ss(theta_lin)
                 floor = 1e-6 * ss / max(n_obs, 1) + 1e-30
                 s2, _ = noise_update(ss, n_obs, gamma, g.total_se)
                 la.log_sigma2.fill_(math.log(max(s2, floor)))
@@ -101,6 +102,9 @@ def block_gamma(la) -> BlockGamma:
 
 
 def run_marglik(la, fit_noise: bool, rounds: int) -> dict[str, list]:
+    """Type-II ML on the dense evidence (:func:`exact_evidence`) by the one L-BFGS loop;
+    classification alternates it with θ_lin (``rounds`` times, the Laplace evidence moves
+    with its mode)."""
     params = [la.prior.log_variance]
     log_s2 = la.log_sigma2.detach().clone().requires_grad_(True)
     if la.kind == "gaussian" and fit_noise:
@@ -108,19 +112,7 @@ def run_marglik(la, fit_noise: bool, rounds: int) -> dict[str, list]:
     hist: dict[str, list] = {"log_marginal_likelihood": [], "prior_precision": []}
     for _ in range(max(1, rounds if la.kind == "categorical" else 1)):
         theta_fixed = la.theta_lin.double()
-        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
-
-        def closure(opt=opt, theta_fixed=theta_fixed):
-            opt.zero_grad()
-            loss = -la._exact_evidence(log_s2, theta_fixed)
-            loss.backward()
-            return loss
-
-        la.prior.log_variance.requires_grad_(True)
-        try:
-            opt.step(closure)
-        finally:
-            la.prior.log_variance.grad = None
+        lbfgs_maximise(lambda t=theta_fixed: la._exact_evidence(log_s2, t), params)
         with torch.no_grad():
             la.log_sigma2.copy_(log_s2.detach())
         la._solve_all()
@@ -156,23 +148,23 @@ def exact_evidence(la, log_s2: torch.Tensor, theta_fixed: torch.Tensor) -> torch
         )
     P = la._dense_P(None, std)
     C, _ = robust_cholesky(P)
-    loglik = -la._problem().categorical_loss(theta_fixed.to(la.fmodel.theta_star().dtype))
+    loglik = -la._system().categorical_loss(theta_fixed.to(la.fmodel.theta_star().dtype))
     return loglik - 0.5 * ((theta_fixed / std) ** 2).sum() - C.diagonal().log().sum()
 
 
-def newton_mode(la, problem, init, n_newton):
+def newton_mode(la, system, init, n_newton):
     """Damped Newton for the softmax θ_lin in whitened coordinates (from θ*, or ``init``),
     with a backtracking line search; returns (θ_lin, u)."""
-    u = la._Linv(problem.theta[None]) if init is None else init.clone()  # start at θ* (or warm)
-    obj = problem.categorical_loss(la._L(u)[0]) + 0.5 * float((u**2).sum())
+    u = la._Linv(system.theta[None]) if init is None else init.clone()  # start at θ* (or warm)
+    obj = system.categorical_loss(la._L(u)[0]) + 0.5 * float((u**2).sum())
     at_mode = la.curvature == "mode"
     for _ in range(la.newton_steps if n_newton is None else n_newton):
         if at_mode:
             la._set_curvature_point(la._L(u)[0])
-            problem = problem.with_shift(la._shift())
-        g_data, _ = problem.categorical_grad(la._L(u)[0])
+            system = system.with_shift(la._shift())
+        g_data, _ = system.categorical_grad(la._L(u)[0])
         g = la._Lt(g_data[None]) + u
-        step, _ = la._solve(problem, g, None)
+        step, _ = la._solve(system, g, None)
         half_decrement = 0.5 * float((g * step).sum())
         if half_decrement < 1e-7 * max(abs(obj), 1.0):
             # quadratic region: the predicted decrease is below what a float32 objective
@@ -182,7 +174,7 @@ def newton_mode(la, problem, init, n_newton):
         t = 1.0
         for _ls in range(10):
             u_new = u - t * step
-            obj_new = problem.categorical_loss(la._L(u_new)[0]) + 0.5 * float((u_new**2).sum())
+            obj_new = system.categorical_loss(la._L(u_new)[0]) + 0.5 * float((u_new**2).sum())
             if obj_new <= obj - 1e-4 * t * float((g * step).sum()):
                 break
             t *= 0.5

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..laplace import Gaussian, LinearisedLaplace
+from ..laplace.evidence import lbfgs_maximise
 from ..laplace.solvers import dense_factors, functional_covariance
 from ..laplace.solvers.sgd import auto_momentum
 from .config import PRIORS
@@ -139,24 +140,16 @@ def tied_evidence_maximiser(
         S = S.clamp_min(0.0)
         c2 = (U.T @ ytil) ** 2
     logs = torch.tensor(
-        [math.log(float(v_now[0])), math.log(float(lik.noise_var))],
-        dtype=torch.float64,
-        requires_grad=True,
+        [math.log(float(v_now[0])), math.log(float(lik.noise_var))], dtype=torch.float64
     )
-    opt = torch.optim.LBFGS([logs], max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def nll():
-        opt.zero_grad()
+    def log_evidence() -> torch.Tensor:  # without the constant −(n/2) log 2π
         k = logs[0].exp() * S + logs[1].exp()
-        loss = 0.5 * (c2 / k + k.log()).sum()
-        loss.backward()
-        return loss
+        return -0.5 * (c2 / k + k.log()).sum()
 
-    opt.step(nll)
-    v, nv = logs.detach().exp()
-    k = v * S + nv
-    ev = -0.5 * float((c2 / k + k.log()).sum()) - 0.5 * S.numel() * math.log(2 * math.pi)
-    return float(v), float(nv), ev
+    ev = lbfgs_maximise(log_evidence, [logs], max_iter=max_iter)
+    v, nv = logs.exp()
+    return float(v), float(nv), ev - 0.5 * S.numel() * math.log(2 * math.pi)
 
 
 def hyper_state(la: LinearisedLaplace) -> dict:

@@ -255,7 +255,14 @@ def sample_cg(
     current θ ``(K, d)`` (one VJP); returning True stops the run. ``precond``: a prebuilt
     P⁻¹ (from :func:`nystrom_preconditioner` at the same hyperparameters) to reuse instead
     of building one (EM's mode and sample solves of one cycle share it).
+
+    A streamed source (``system.streaming``) has no observation space: CG then runs on the
+    primal system (ĜᵀĜ + I) u = ξ + Ĝᵀε, z = L u (one pass over the data per iteration,
+    ``init`` warm-starts u, no preconditioner unless ``precond`` is given).
     """
+    if system.streaming:
+        return _sample_cg_primal(system, n, generator, target, noise, init, tol, iterations,
+                                 callback, precond)  # fmt: skip
     if target is None:
         noise = noise or draw_noise(system, n, generator)
     with torch.no_grad():
@@ -277,3 +284,27 @@ def sample_cg(
         alpha, it, trace = batched_pcg(system.kernel_mv, c, precond, init, tol, iterations, hook)
         theta = theta_p + system.prior.cov_mv(system.Gt(alpha))
     return SolverResult(theta, it, trace, trace[-1] < tol, trace[-1], {"alpha": alpha})
+
+
+def _sample_cg_primal(
+    system, n, generator, target, noise, init, tol, iterations, callback, precond
+):
+    """Primal CG on (ĜᵀĜ + I) u = b for a streamed source (see :func:`sample_cg`)."""
+    if target is not None:
+        raise ValueError(
+            "a streamed source has no observation-space target: pass the mean's right-hand "
+            "side as noise=Noise(0, None, Gᵀr)"
+        )
+    noise = noise or draw_noise(system, n, generator)
+    with torch.no_grad():
+        b = system.primal_b(noise)
+        hook = None
+        if callback is not None:
+
+            def hook(it, u):
+                return callback(it, lambda: system.prior.sqrt_mv(u))
+
+        step = precond if precond is not None else (lambda v: v)  # noqa: E731
+        u, it, trace = batched_pcg(system.primal_mv, b, step, init, tol, iterations, hook)
+        theta = system.prior.sqrt_mv(u)
+    return SolverResult(theta, it, trace, trace[-1] < tol, trace[-1], {"u": u})

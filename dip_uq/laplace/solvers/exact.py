@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .system import LinearSystem, Noise, SolverResult, draw_noise
+from .system import GGNSystem, LinearSystem, Noise, SolverResult, draw_noise
 
 __all__ = [
     "robust_cholesky",
@@ -34,8 +34,20 @@ def robust_cholesky(a: torch.Tensor, max_tries: int = 8) -> tuple[torch.Tensor, 
     )
 
 
-def dense_factors(system: LinearSystem, mode: str = "auto") -> dict:
-    """Dense Ĝ = G L ``(n_obs, d)`` and the Cholesky of the smaller Gram matrix (float64)."""
+def dense_factors(system: GGNSystem, mode: str = "auto") -> dict:
+    """Dense Ĝ = G L ``(n_obs, d)`` and the Cholesky of the smaller Gram matrix (float64).
+
+    A streamed source has no dense G: its factors are primal, from the dense GGN M
+    (P = Lᵀ M L + I; ``"G"`` and ``"Ghat"`` are None)."""
+    if system.streaming:
+        if mode == "dual":
+            raise ValueError("exact mode 'dual' needs the data in memory; use 'primal'")
+        with torch.no_grad():
+            ML = system.prior.sqrt_t_mv(system.dense_ggn())  # rows of M L (M symmetric)
+            gram = system.prior.sqrt_t_mv(ML.T.contiguous())
+            gram = 0.5 * (gram + gram.T) + torch.eye(system.d, dtype=gram.dtype, device=gram.device)
+        chol, jitter = robust_cholesky(gram)
+        return {"G": None, "Ghat": None, "chol": chol, "mode": "primal", "jitter": jitter}
     with torch.no_grad():
         G = system.dense_G()
         Gh = system.prior.sqrt_t_mv(G)  # rows gᵢᵀ L
@@ -69,6 +81,13 @@ def sample_exact(
         xi, eps = None, system._target(target).double()
     else:
         noise = noise or draw_noise(system, n, generator)
+        if noise.eps is None:  # a streamed source: b = ξ + Lᵀ Gᵀε, primal factors
+            b = system.primal_b(noise).double()
+            u = torch.cholesky_solve(b.T, C).T
+            with torch.no_grad():
+                z = system.prior.sqrt_mv(u)
+            info = {"mode": "primal", "jitter": f["jitter"], "factors": f}
+            return SolverResult(z.to(system.dtype), 0, [], True, 0.0, info)
         xi, eps = noise.xi.double(), noise.eps.double()
     if f["mode"] == "primal":
         b = eps @ Gh if xi is None else xi + eps @ Gh
@@ -107,6 +126,10 @@ def exact_block_gamma(system: LinearSystem, factors: dict | None = None) -> torc
     """
     f = factors or dense_factors(system)
     Gh, C, G = f["Ghat"], f["chol"], f["G"]
+    if G is None:  # streamed: γ_b = Σ_{i∈b} (1 − (P⁻¹)_ii), L block-diagonal
+        return system.prior.selection.block_sum((1.0 - torch.cholesky_inverse(C).diagonal())[None])[
+            0
+        ]
     with torch.no_grad():
         if f["mode"] == "primal":
             rows = torch.cholesky_solve(Gh.T, C).T

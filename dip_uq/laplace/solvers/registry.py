@@ -346,7 +346,7 @@ class SGDSolver(Solver):
         """A copy holding the low-rank P⁻¹ when ``precond`` resolves to ``"lowrank"`` for
         this batch size (``"auto"``: full batches); ``self`` otherwise."""
         o = self.options
-        full = o.batch_size is None or o.batch_size >= system.n_data
+        full = not system.streaming and (o.batch_size is None or o.batch_size >= system.n_data)
         resolved = sgd.resolve_precond(o.precond, full)
         if not (isinstance(resolved, str) and resolved == "lowrank"):
             return self
@@ -404,7 +404,7 @@ class CGSolver(Solver):
         """A copy holding the Nyström P⁻¹ (``precond="auto"`` and ``precond_rank > 0``),
         built through ``cg.nystrom_preconditioner`` with its fixed-seed probes."""
         o = self.options
-        if o.precond_rank == 0 or not isinstance(o.precond, str):
+        if o.precond_rank == 0 or not isinstance(o.precond, str) or system.streaming:
             return self
         built, _ = cg.nystrom_preconditioner(
             system, o.precond_rank, o.oversample, chunk_size=o.precond_chunk_size
@@ -414,7 +414,7 @@ class CGSolver(Solver):
     def refresh(self, system: LinearSystem, old: Any) -> Solver:
         """``old`` rescaled to ``system``'s hyperparameters by one batched kernel product
         (:func:`~.cg.refreshed_preconditioner`); a new build when there is none."""
-        if old is None:
+        if old is None or system.streaming:
             return self.precondition(system)
         return self.replace(precond=cg.refreshed_preconditioner(system, old))
 
@@ -424,7 +424,9 @@ class CGSolver(Solver):
         return p if callable(p) else None
 
     def warm_start(self, prior: Any, result: SolverResult, z: torch.Tensor) -> torch.Tensor | None:
-        """The dual solution α of ``result``."""
+        """The dual solution α of ``result`` (primal CG on a streamed source: u = L⁻¹z)."""
+        if "u" in result.state:
+            return prior.sqrt_inv_mv(z).detach()
         return result.state.get("alpha")
 
     def without_preconditioner(self) -> Solver | None:

@@ -45,6 +45,11 @@ def sample_sdd(
     ``callback(it, current)`` is called every ``check_every`` iterations with a function
     returning the current θ ``(K, d)`` (from the averaged iterate); True stops the run.
     """
+    if system.streaming:
+        raise ValueError(
+            "sdd is a dual solver: it needs the data in memory (observation space); use cg or "
+            "sgd on a streamed source"
+        )
     if target is None:
         noise = noise or draw_noise(system, n, generator)
     full = batch_size is None or batch_size >= system.n_data

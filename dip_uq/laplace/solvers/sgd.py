@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from .precond import LowRankPreconditioner, lowrank_preconditioner, preconditioned_lambda_max
-from .system import LinearSystem, Noise, SolverResult, draw_noise
+from .system import GGNSystem, LinearSystem, Noise, SolverResult, draw_noise
 
 __all__ = ["sample_sgd", "auto_momentum", "resolve_precond"]
 
@@ -37,8 +37,16 @@ def resolve_precond(precond, full: bool):
     return precond
 
 
-def _check_batch(system: LinearSystem, batch_size: int | None) -> bool:
-    """Whether the run uses full batches (minibatches need observations grouped by datum)."""
+def _check_batch(system: GGNSystem, batch_size: int | None) -> bool:
+    """Whether the run uses full batches (minibatches need observations grouped by datum;
+    a streamed source always steps on its loader's minibatches)."""
+    if system.streaming:
+        if batch_size is not None:
+            raise ValueError(
+                "a streamed source takes its minibatches from the loader: set the loader's "
+                "batch_size, not the solver's"
+            )
+        return False
     if batch_size is not None and batch_size < system.n_data and not system.per_datum:
         raise ValueError("minibatches need observations grouped by datum (leading dim = data)")
     return batch_size is None or batch_size >= system.n_data
@@ -111,30 +119,46 @@ class _Objective:
     """The K objectives ½ uᵀ(ĜᵀĜ + I)u − bᵀu: gradients, values and relative residuals."""
 
     def __init__(
-        self, system: LinearSystem, noise: Noise | None, t: torch.Tensor | None, scale: float
+        self, system: GGNSystem, noise: Noise | None, t: torch.Tensor | None, scale: float
     ) -> None:
         self.system, self.scale = system, scale
-        # The gradient (ĜᵀĜ + I)u − b is formed as Ĝᵀ(Ĝu − e) + u − x₀ (e = ε, x₀ = ξ for
-        # samples; e = t, x₀ = 0 for the mean), so b = x₀ + Ĝᵀe is never stored: with K
-        # samples of a large net every K × d buffer counts (peak memory, issue 4).
+        # In memory the gradient (ĜᵀĜ + I)u − b is formed as Ĝᵀ(Ĝu − e) + u − x₀ (e = ε,
+        # x₀ = ξ for samples; e = t, x₀ = 0 for the mean), so b = x₀ + Ĝᵀe is never stored:
+        # with K samples of a large net every K × d buffer counts. A streamed source has no
+        # ε, only Gᵀε: then b is stored and the gradient is s·ĜᵀĜ_batch u + u − b.
+        self.b = None
+        if t is None and noise.eps is None:
+            self.b = system.primal_b(noise)
+            self.e, self.x0 = None, noise.xi
+            self.bnorm = self.b.norm(dim=1).clamp_min(1e-30)
+            return
         self.e = noise.eps if t is None else t
         self.x0 = noise.xi if t is None else None
         e, x0 = self.e, self.x0
         bnorm = (x0 + system.Ghat_t(e)) if x0 is not None else system.Ghat_t(e)
         self.bnorm = bnorm.norm(dim=1).clamp_min(1e-30)
 
-    def grad(self, u, idx):
-        """(gradient ``(K, d)``, Ĝu − e on the batch) at u; in place where possible."""
+    def grad(self, u, idx, scale: float | None = None):
+        """(gradient ``(K, d)``, Ĝu − e on the batch or None) at u; in place where possible.
+        ``idx``: a minibatch handle of the system (None: all data), ``scale`` its weight."""
         system, e, x0 = self.system, self.e, self.x0
+        scale = (1.0 if idx is None else self.scale) if scale is None else scale
+        if self.b is not None:
+            g = system.gram_hat(u, idx)
+            if scale != 1.0:
+                g.mul_(scale)
+            return g.add_(u).sub_(self.b), None
         w = system.Ghat(u, idx)
         w = w - (e if idx is None else e[:, system.obs_index(idx)])
         g = system.Ghat_t(w, idx)
-        if self.scale != 1.0:
-            g.mul_(self.scale)
+        if scale != 1.0:
+            g.mul_(scale)
         g.add_(u)
         return (g if x0 is None else g.sub_(x0)), w
 
-    def value(self, u, w):  # ½uᵀPu − bᵀu = ½‖Ĝu − e‖² + ½‖u − x₀‖² − ½‖e‖² − ½‖x₀‖²
+    def value(self, u, w, g=None):  # ½uᵀPu − bᵀu = ½‖Ĝu − e‖² + ½‖u − x₀‖² − ½‖e‖² − ½‖x₀‖²
+        if self.b is not None:  # with the full gradient g = Pu − b: ½uᵀg − ½uᵀb
+            return 0.5 * float(((u * g).sum(1) - (u * self.b).sum(1)).mean())
         e, x0 = self.e, self.x0
         q = (w.square().sum(1) - e.square().sum(1)).mean()
         if x0 is None:
@@ -183,13 +207,9 @@ def _iterate(
     objective: list[float] = []
     it = 0
     for it in range(1, iterations + 1):
-        idx = None
-        if not full:
-            idx = torch.randperm(system.n_data, generator=generator, device=system.device)[
-                :batch_size
-            ]
+        idx, scale = (None, 1.0) if full else system.minibatch(batch_size, generator)
         look = torch.add(u, vel, alpha=momentum)
-        g, w = obj.grad(look, idx)
+        g, w = obj.grad(look, idx, scale)
         check = it % check_every == 0
         if check:
             if full:
@@ -202,7 +222,7 @@ def _iterate(
                     f"SGD diverged: non-finite residual at iteration {it} (lr={lr:.3g}); pass a smaller lr"
                 )
             trace.append(res)
-            objective.append(obj.value(look, wr))  # its gap shrinks to 0
+            objective.append(obj.value(look, wr, gr))  # its gap shrinks to 0
             del gr, wr
         del look, w
         g = apply_(g) if apply_ is not None else step(g)
@@ -252,7 +272,7 @@ def sample_sgd(
     problem (benchmarks/README.md compares them); on DIP Jacobians (κ ~ 1e5-1e6) the
     Ritz preconditioner matters more than either.
     ``batch_size`` counts data
-    points (None = full batch). ``init`` is a warm start for u ``(K, d)`` (default: ξ for
+    points (None = full batch; a streamed source always steps on its loader's batches). ``init`` is a warm start for u ``(K, d)`` (default: ξ for
     samples, 0 for the mean). Stops when the
     mean relative gradient ‖(ĜᵀĜ + I)u − b‖/‖b‖ < ``tol`` (checked every ``check_every``).
     ``callback(it, current)`` is called at every check with a function returning the current
@@ -285,7 +305,9 @@ def sample_sgd(
         )
         step = precond if precond is not None else (lambda v: v)  # noqa: E731
         lr, momentum = _lr_momentum(system, precond, lr, momentum, generator)
-        obj = _Objective(system, noise, t, 1.0 if full else system.n_data / batch_size)
+        obj = _Objective(
+            system, noise, t, 1.0 if full or batch_size is None else system.n_data / batch_size
+        )
         out, it, trace, objective = _iterate(
             obj,
             _initial_u(system, init, obj.x0),

@@ -6,6 +6,11 @@ For a linear-Gaussian surrogate with GGN M = GᵀG (W from the likelihood, WᵀW
 - dual:   (Ĝ Ĝᵀ + I) α = c = (G Σ Gᵀ + I) α (size n_obs).
 Shared noise (ξ ~ N(0, I_d), ε ~ N(0, I_nobs)) gives identical samples z ~ N(0, H⁻¹) on both
 sides, H = M + Σ⁻¹: primal b = ξ + Ĝᵀε; dual z = Lξ + ΣGᵀ(Ĝ Ĝᵀ + I)⁻¹(ε − GLξ).
+
+:class:`GGNSystem` is the contract every solver sees; it has two data sources:
+:class:`LinearSystem` (all inputs in memory: the DIP's one input, a tensor batch; primal and
+dual solvers) and :class:`~dip_uq.laplace.streaming.StreamingSystem` (a DataLoader streamed
+once per product; primal solvers only, its noise arrives as Gᵀε accumulated in one pass).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["LinearSystem", "SolverResult", "Noise", "draw_noise"]
+__all__ = ["GGNSystem", "LinearSystem", "SolverResult", "Noise", "draw_noise"]
 
 
 @dataclass
@@ -32,21 +37,86 @@ class SolverResult:
 
 @dataclass
 class Noise:
-    """Fixed draws of a sample batch: ξ ``(K, d)`` and ε ``(K, n_obs)`` (reused across EM)."""
+    """Fixed draws of a sample batch: ξ ``(K, d)`` and ε ``(K, n_obs)`` (reused across EM).
+
+    A streamed data source never holds ε: it carries ``gt_eps`` = Gᵀε ``(K, d)`` instead
+    (``eps`` None), which is all the primal solvers need (b = ξ + Lᵀ Gᵀε)."""
 
     xi: torch.Tensor
-    eps: torch.Tensor
+    eps: torch.Tensor | None
+    gt_eps: torch.Tensor | None = None
 
 
-def draw_noise(system: LinearSystem, n: int, generator: torch.Generator | None = None) -> Noise:
-    """Standard normal ξ ``(n, d)`` and ε ``(n, n_obs)``."""
+def draw_noise(system: GGNSystem, n: int, generator: torch.Generator | None = None) -> Noise:
+    """Standard normal ξ ``(n, d)`` and ε ``(n, n_obs)`` (drawn in that order), or for a
+    streamed source ξ and Gᵀε (:meth:`GGNSystem.draw_noise`)."""
     if n < 1:
         raise ValueError(f"number of samples must be >= 1, got {n}")
-    kw = dict(generator=generator, dtype=system.dtype, device=system.device)
-    return Noise(torch.randn(n, system.d, **kw), torch.randn(n, system.n_obs, **kw))
+    return system.draw_noise(n, generator)
 
 
-class LinearSystem:
+class GGNSystem:
+    """What every solver sees: the whitened GGN Ĝᵀ Ĝ = Lᵀ M L over a data source.
+
+    Subclasses provide ``d``, ``dtype``, ``device``, ``prior``, ``n_data``, ``n_obs``,
+    ``per_datum``, :meth:`ggn_mv` (M v over all data or one minibatch), :meth:`draw_noise`,
+    :meth:`minibatch` and :meth:`dense_ggn`; the primal products are shared here.
+    ``streaming`` says whether observation-space (dual) products exist.
+    """
+
+    streaming = False
+
+    def ggn_mv(self, v: torch.Tensor, batch=None) -> torch.Tensor:
+        """M v = Gᵀ G v for ``v`` ``(K, d)`` (only ``batch`` when given, unscaled)."""
+        raise NotImplementedError
+
+    def gram_hat(self, u: torch.Tensor, batch=None) -> torch.Tensor:
+        """Ĝᵀ Ĝ u = Lᵀ M L u for ``u`` ``(K, d)`` (only ``batch`` when given, unscaled)."""
+        return self.prior.sqrt_t_mv(self.ggn_mv(self.prior.sqrt_mv(u), batch))
+
+    def primal_mv(self, u: torch.Tensor) -> torch.Tensor:
+        """(Ĝᵀ Ĝ + I) u for ``u`` ``(K, d)``."""
+        return self.gram_hat(u) + u
+
+    def primal_b(self, noise: Noise) -> torch.Tensor:
+        """b = ξ + Ĝᵀε ``(K, d)``, the right-hand side whose solution L u ~ N(0, H⁻¹)."""
+        if noise.eps is None:  # a streamed source's Gᵀε, or b itself in ξ (gt_eps None)
+            return (
+                noise.xi if noise.gt_eps is None else noise.xi + self.prior.sqrt_t_mv(noise.gt_eps)
+            )
+        return noise.xi + self.Ghat_t(noise.eps)
+
+    def lambda_batch(self):
+        """The data a power iteration for λ_max runs on, with its scale: (None, 1.0) = all."""
+        return None, 1.0
+
+    def lambda_max(self, iterations: int = 20, generator: torch.Generator | None = None) -> float:
+        """Power-iteration estimate of λ_max(Ĝᵀ Ĝ) (padded by 5%); a streamed source
+        estimates it on its first minibatch scaled to the data size (:meth:`lambda_batch`)."""
+        batch, scale = self.lambda_batch()
+        v = torch.randn(1, self.d, generator=generator, dtype=self.dtype, device=self.device)
+        lam = 0.0
+        with torch.no_grad():
+            for _ in range(iterations):
+                v = v / v.norm()
+                w = scale * self.gram_hat(v, batch)
+                lam = float((w * v).sum())
+                v = w
+        return 1.05 * max(lam, 0.0)
+
+    def draw_noise(self, n: int, generator: torch.Generator | None = None) -> Noise:
+        raise NotImplementedError
+
+    def minibatch(self, batch_size: int | None, generator: torch.Generator | None):
+        """The next minibatch handle for stochastic solvers and its scale n_data / size."""
+        raise NotImplementedError
+
+    def dense_ggn(self) -> torch.Tensor:
+        """Dense M = GᵀG ``(d, d)`` in float64: small references only."""
+        raise NotImplementedError
+
+
+class LinearSystem(GGNSystem):
     """G = W J at the stored inputs, with the prior, as batched matrix-free products.
 
     Args:
@@ -112,27 +182,31 @@ class LinearSystem:
         """(G Σ Gᵀ + I) a for ``a`` ``(K, n_obs)``."""
         return self.gram_mv(a) + a
 
-    def primal_mv(self, u: torch.Tensor) -> torch.Tensor:
-        """(Ĝᵀ Ĝ + I) u for ``u`` ``(K, d)``."""
-        return self.Ghat_t(self.Ghat(u)) + u
+    def ggn_mv(self, v: torch.Tensor, batch=None) -> torch.Tensor:
+        """M v = Gᵀ G v (``batch``: data indices, or None for all)."""
+        return self.Gt(self.G(v, batch), batch)
+
+    def draw_noise(self, n: int, generator: torch.Generator | None = None) -> Noise:
+        """ξ ``(n, d)`` then ε ``(n, n_obs)``, standard normal."""
+        kw = dict(generator=generator, dtype=self.dtype, device=self.device)
+        return Noise(torch.randn(n, self.d, **kw), torch.randn(n, self.n_obs, **kw))
+
+    def minibatch(self, batch_size: int | None, generator: torch.Generator | None):
+        """``batch_size`` data indices drawn without replacement (None: all data)."""
+        if batch_size is None or batch_size >= self.n_data:
+            return None, 1.0
+        idx = torch.randperm(self.n_data, generator=generator, device=self.device)[:batch_size]
+        return idx, self.n_data / batch_size
+
+    def dense_ggn(self) -> torch.Tensor:
+        G = self.dense_G()
+        return G.T @ G
 
     def dense_G(self) -> torch.Tensor:
         """Dense G ``(n_obs, d)`` in float64: small references only."""
         J = self.fmodel.dense_jacobian(self.inputs)  # (n_f, d)
         Jt = J.T.reshape(self.d, *self.f_shape)
         return self.lik.whiten(Jt).reshape(self.d, -1).T.double()
-
-    def lambda_max(self, iterations: int = 20, generator: torch.Generator | None = None) -> float:
-        """Power-iteration estimate of λ_max(Ĝᵀ Ĝ) (padded by 5%)."""
-        v = torch.randn(1, self.d, generator=generator, dtype=self.dtype, device=self.device)
-        lam = 0.0
-        with torch.no_grad():
-            for _ in range(iterations):
-                v = v / v.norm()
-                w = self.Ghat_t(self.Ghat(v))
-                lam = float((w * v).sum())
-                v = w
-        return 1.05 * max(lam, 0.0)
 
     def _target(self, target: torch.Tensor) -> torch.Tensor:
         r = target.reshape(1, -1).to(self.dtype)
@@ -152,7 +226,7 @@ class LinearSystem:
             return torch.zeros(1, self.d, dtype=self.dtype, device=self.device), self._target(
                 target
             )
-        return noise.xi + self.Ghat_t(noise.eps), None
+        return self.primal_b(noise), None
 
     def dual_rhs(self, noise: Noise | None, target: torch.Tensor | None):
         """Dual problem (ĜĜᵀ + I) α = c, θ = θ' + ΣGᵀα: returns (c, θ').
@@ -163,5 +237,7 @@ class LinearSystem:
             return self._target(target), torch.zeros(
                 1, self.d, dtype=self.dtype, device=self.device
             )
+        if noise.eps is None:
+            raise ValueError("the dual solvers need the observation noise ε, not only Gᵀε")
         theta_p = self.prior.sqrt_mv(noise.xi)
         return noise.eps - self.G(theta_p), theta_p
