@@ -67,10 +67,11 @@ class Laplace(nn.Module):
             pass per iteration; default), ``"sgd"`` (Nesterov SGD over the loader's
             minibatches, Polyak-averaged) or ``"exact"`` (dense float64 M, small models only).
         solver_opts: the solver's options (:func:`~dip_uq.laplace.solvers.make_solver`; an
-            unknown one raises ``ValueError``). The engine's defaults, except sgd:
-            ``polyak=True``, ``iterations`` = 50 epochs of the loader, ``check_every`` = one
-            epoch, ``lr`` = 0.1/(λ̂ + 1) with λ̂ the first minibatch's scaled λ_max. cg's ``tol`` holds for every right-hand side (θ_lin's included: EM's σ²
-            and precisions need it tight on ill-conditioned GGNs).
+            unknown one raises ``ValueError``). The engine's defaults (cg ``tol`` 1e-6 per
+            right-hand side: regression's σ² is read off θ_lin's residual), except
+            classification cg ``tol=1e-3`` and sgd ``polyak=True``, ``iterations`` = 50
+            epochs, ``check_every`` = one epoch, ``lr`` = 0.1/(λ̂ + 1) (λ̂: the first
+            minibatch's scaled λ_max).
         chunk_size: ``vmap`` chunk size for JVP/VJP over samples (bounds memory).
         generator: default generator for all random draws.
         newton_steps: at most this many damped Newton steps for the classification θ_lin.
@@ -144,7 +145,6 @@ class Laplace(nn.Module):
         self.n_samples = n_samples
         self.solver = solver
         self.solver_opts = dict(solver_opts or {})
-        self.chunk_size = chunk_size
         self.generator = generator
         self.newton_steps = newton_steps
         self.curvature = curvature
@@ -179,7 +179,7 @@ class Laplace(nn.Module):
 
     @property
     def sigma_noise(self) -> float:
-        return float(self.log_sigma2.exp().sqrt())
+        return self._noise_var() ** 0.5
 
     @property
     def prior_precision(self) -> torch.Tensor:
@@ -187,7 +187,7 @@ class Laplace(nn.Module):
         return 1.0 / self.prior.variances().detach()
 
     def _noise_var(self) -> float:
-        return float(self.log_sigma2.exp()) if self.kind == "gaussian" else 1.0
+        return float(self.lik.noise_var) if self.kind == "gaussian" else 1.0
 
     def _system(self) -> StreamingSystem:
         """The engine's GGN over the fitted loader at the current hyperparameters."""
@@ -305,13 +305,16 @@ class Laplace(nn.Module):
         exact one holds its dense factors, cached while the hyperparameters are unchanged
         (the Newton steps for θ_lin and the sample solve of one EM cycle share them)."""
         base = {}
+        if self.solver == "cg" and self.kind == "categorical":
+            base = {"tol": 1e-3}  # Newton's line search absorbs inexact steps (docs/laplace.md)
         if self.solver == "sgd":
             nb = max(int(self.n_batches or 1), 1)
             base = {"polyak": True, "iterations": 50 * nb, "check_every": nb}
             if "lr" not in self.solver_opts:
                 # minibatch noise sets a floor ∝ lr under a constant step: a tenth of the
                 # full-batch step 1/(λ̂ + 1), with momentum 0.9 an effective step of 1/(λ̂ + 1)
-                base["lr"] = 0.1 / (system.lambda_max(generator=self._lr_generator()) + 1.0)
+                lam = system.lambda_max(generator=torch.Generator(system.device).manual_seed(0))
+                base["lr"] = 0.1 / (lam + 1.0)
         solver = make_solver(self.solver, **{**base, **self.solver_opts})
         if self.solver != "exact":
             return solver
@@ -321,10 +324,6 @@ class Laplace(nn.Module):
         if cached is None or cached[1] != key or not torch.equal(cached[0], std):
             self._exact = (std.clone(), key, solver.precondition(system))
         return self._exact[2]
-
-    def _lr_generator(self) -> torch.Generator:
-        """A fixed-seed generator for the step-size power iteration (deterministic runs)."""
-        return torch.Generator(device=self.fmodel.theta_star().device).manual_seed(0)
 
     def _solve(
         self, system: StreamingSystem, b: torch.Tensor, init: torch.Tensor | None
@@ -442,19 +441,13 @@ class Laplace(nn.Module):
         (dense, small models) with L-BFGS. Returns the history (also ``self.history``)."""
         self._check_fitted()
         if method == "em":
-            return self._em(n_steps, fit_noise, tied_steps, verbose)
+            return run_em(self, n_steps, fit_noise, tied_steps, verbose)
         if method == "marglik":
-            return self._marglik(fit_noise, n_steps)
+            return run_marglik(self, fit_noise, n_steps)
         raise ValueError(f"unknown method {method!r}; use 'em' or 'marglik'")
-
-    def _em(self, n_cycles, fit_noise, tied, verbose) -> dict[str, list]:
-        return run_em(self, n_cycles, fit_noise, tied, verbose)
 
     def _block_gamma(self) -> BlockGamma:
         return block_gamma(self)
-
-    def _marglik(self, fit_noise: bool, rounds: int) -> dict[str, list]:
-        return run_marglik(self, fit_noise, rounds)
 
     def _exact_evidence(self, log_s2: torch.Tensor, theta_fixed: torch.Tensor) -> torch.Tensor:
         return exact_evidence(self, log_s2, theta_fixed)
