@@ -139,3 +139,29 @@ def test_streamed_solvers_reach_the_exact_solution():
         make_solver("sdd").sample(stream, 5, noise=noise)
     with pytest.raises(ValueError, match="observation noise"):  # in memory, without ε
         make_solver("cg").sample(ll.system(), 5, noise=Noise(noise.xi, None, noise.gt_eps))
+
+
+@pytest.mark.parametrize("solver,estimator", [("exact", "exact"), ("cg", "paired")])
+def test_both_doors_run_the_same_em(solver, estimator):
+    """One EM loop (``fit_em``) under both doors: with exact traces there is no Monte-Carlo
+    draw, so the front door over a 3-batch loader and ``fit_em`` on the in-memory
+    ``LinearisedLaplace`` follow the same per-block σ_b² and σ² trajectory to float64
+    round-off; with cg and the paired γ̂ both start from the same ξ, ε (one batch, same
+    seed) and agree to the solves' tolerance."""
+    from dip_uq.laplace.em import fit_em
+
+    net, x, y = _problem("regression", n=30)
+    opts = {} if solver == "exact" else {"tol": 1e-11, "iterations": 400}
+    batch = 10 if solver == "exact" else len(x)
+    la = _front(net, x, y, "regression", solver, opts, batch_size=batch, n_samples=16)
+    front = la.optimize_prior_precision("em", n_steps=4)
+    ll = _engine(net, x, y, "regression")
+    hist = fit_em(ll, 4, 16, solver, estimator=estimator, solver_opts=opts,
+                  generator=torch.Generator().manual_seed(7))  # fmt: skip
+    ref_prec = torch.stack([1.0 / v for v in hist.prior_variance])
+    tol = 1e-8 if solver == "exact" else 1e-5
+    torch.testing.assert_close(torch.stack(front["prior_precision"]).double(),
+                               ref_prec.double(), rtol=tol, atol=0.0)  # fmt: skip
+    assert front["sigma_noise"] == pytest.approx([v**0.5 for v in hist.noise_var], rel=tol)
+    # EM moved the hyperparameters: the agreement is not that of two unchanged priors
+    assert float((ref_prec[-1] * VAR - 1).abs().max()) > 0.1

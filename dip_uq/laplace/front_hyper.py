@@ -1,5 +1,5 @@
 """Hyperparameters and the classification mode of the :class:`~dip_uq.laplace.front.Laplace`
-front door: sample-based EM with the shared M-step (docs/methods.md §3), the dense evidence
+front door: its side of the one EM loop (docs/methods.md §3), the dense evidence
 and its L-BFGS maximiser, and damped Newton for the softmax θ_lin. Functions of a fitted
 ``Laplace`` ``la``; the class's methods call them."""
 
@@ -11,85 +11,124 @@ import warnings
 import torch
 
 from .evidence import lbfgs_maximise
-from .mstep import (
-    BlockGamma,
-    exact_gamma_from_precision,
-    mackay_update,
-    noise_update,
-    paired_block_gamma,
-)
-from .solvers import SolverResult
+from .mstep import BlockGamma, exact_gamma_from_precision, paired_block_gamma
+from .solvers import Noise, SolverResult
 from .solvers.exact import robust_cholesky
 
-__all__ = ["block_gamma", "exact_evidence", "newton_mode", "run_em", "run_marglik"]
+__all__ = ["StreamedEM", "block_gamma", "exact_evidence", "newton_mode", "run_em", "run_marglik"]
+
+
+class StreamedEM:
+    """The front door's side of :func:`~dip_uq.laplace.em.fit_em` (an
+    :class:`~dip_uq.laplace.em.EMModel`): the fit's fixed ξ and Gᵀε (kept at unit noise, so a
+    new σ² rescales them), θ_lin by one solve (Gaussian) or damped Newton (softmax, which
+    with ``curvature="mode"`` moves the curvature point and redraws Gᵀε from its seed), and
+    the Newton iterate's own warm start in u."""
+
+    def __init__(self, la) -> None:
+        self.la, self.prior = la, la.prior
+        self.u_mode = getattr(la, "_u_mode", None)
+        self.u_samp = getattr(la, "_u_samp", None)
+        self.theta: torch.Tensor | None = None  # the last θ_lin
+        self._power: float | None = None
+
+    @property
+    def noise_var(self) -> float:
+        return self.la._noise_var()
+
+    def set_noise_var(self, value: float) -> None:
+        self.la.log_sigma2.fill_(math.log(value))
+
+    def system(self):
+        return self.la._system()
+
+    def warm_starts(self):
+        return None, (None if self.u_samp is None else [self.u_samp])
+
+    def draws(self, system, n, generator) -> Noise:
+        return Noise(self.la.xi, None, self.la.noise_t)
+
+    def cycle_noise(self, system, base: Noise) -> Noise:
+        la = self.la
+        return Noise(base.xi, None, la.noise_t / math.sqrt(la._noise_var()))
+
+    def precondition(self, engine, system):
+        return self.la._engine_solver(system)
+
+    def mode(self, system, active, init):
+        la = self.la
+        if init is None:  # the last θ_lin under the current prior (u of the fit at first)
+            init = self.u_mode if self.theta is None else la._Linv(self.theta[None])
+        if la.kind == "gaussian":
+            c, _ = system.target_t()
+            u, res = la._solve(system, la._Lt(c[None]), init)
+        else:
+            theta, u = newton_mode(la, system, init, None)
+            res = SolverResult(theta[None], 0)
+            if la.curvature == "mode":
+                system = la._system()  # the curvature now sits at θ_lin
+                la.noise_t = la._mode_noise(system)
+                active = la._engine_solver(system)
+        res.samples = la._L(u)
+        self.u_mode, self.theta = u, res.samples[0]
+        return res, system, active
+
+    def noise_statistics(self, system, theta_lin):
+        if self.la.kind != "gaussian":
+            return None
+        if self._power is None:
+            y2 = sum(float((y.double() ** 2).sum()) for _, y in system.batches())
+            self._power = y2 / max(system.n_obs, 1)
+        return system.residual_ss(theta_lin), self._power
 
 
 def run_em(la, n_cycles, fit_noise, tied, verbose) -> dict[str, list]:
+    """The front door's EM: :func:`~dip_uq.laplace.em.fit_em` on :class:`StreamedEM`, with
+    the paired γ̂ (exact γ with ``solver="exact"``); then θ_lin and the K samples at the
+    final hyperparameters. Returns laplace-torch style per-cycle lists."""
+    from .em import fit_em
+
     if n_cycles < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_cycles}")
-    prior, sel = la.prior, la.selection
-    nb = sel.n_blocks
-    if tied is None:
-        tied = min(2, n_cycles // 2) if nb > 1 else 0
-    sizes = sel.block_sizes().to(prior.log_variance.device).double()
-    n_obs = la.n_data * la.n_outputs
-    hist: dict[str, list] = {
-        "prior_precision": [],
-        "sigma_noise": [],
-        "gamma": [],
-        "unresolved": [],
-        "residual": [],
-        "converged": [],
-    }
-    u_mode, u_samp = getattr(la, "_u_mode", None), getattr(la, "_u_samp", None)
-    for cycle in range(n_cycles):
-        if cycle > 0:
-            info_m, info_s = la._solve_all(u_mode, u_samp)
-        else:
-            info_m = info_s = SolverResult(la.samples[:0], 0)
-        theta_lin, z = la.theta_lin, la.samples
-        g = la._block_gamma()
-        with torch.no_grad():
-            var_old = prior.variances().double()
-            q_b = var_old * prior.block_quadratic(theta_lin[None].double())[0]
-            new_var, gamma, unresolved, _ = mackay_update(
-                var_old, q_b, g, sizes, tied=cycle < tied, n_obs=n_obs
-            )
-            z_old, th_old = z, theta_lin  # not modified in place below
-            prior.set_variances(new_var.clamp_min(1e-30))
-            if la.kind == "gaussian" and fit_noise:
-                ss = la._system().residual_ss(theta_lin)
-                floor = 1e-6 * ss / max(n_obs, 1) + 1e-30
-                s2, _ = noise_update(ss, n_obs, gamma, g.total_se)
-                la.log_sigma2.fill_(math.log(max(s2, floor)))
-            # warm starts: the same θ under the new prior
-            u_mode = la._Linv(th_old[None]).to(z.dtype)
-            u_samp = la._Linv(z_old).to(z.dtype)
-        hist["prior_precision"].append(la.prior_precision.clone())
-        hist["sigma_noise"].append(la.sigma_noise)
-        hist["gamma"].append(g.gamma.clone())
-        hist["unresolved"].append(unresolved.clone())
-        hist["residual"].append(max(info_m.residual, info_s.residual))
-        hist["converged"].append(info_m.converged and info_s.converged)
+    model = StreamedEM(la)
+    exact = la.solver == "exact"
+
+    def report(state: dict) -> None:
+        model.u_samp = (state["sample_init"] or [model.u_samp])[0]
         if verbose:
+            h = state["history"]
             print(
-                f"EM {cycle + 1}/{n_cycles}: gamma={gamma:.1f} "
+                f"EM {state['cycle']}/{n_cycles}: gamma={float(h['gamma'][-1].sum()):.1f} "
                 f"lambda={la.prior_precision.tolist()} sigma={la.sigma_noise:.4g}"
             )
-    la._solve_all(u_mode, u_samp)
-    if nb > 1 and bool(unresolved.any()) and n_cycles > tied:
+
+    hist = fit_em(
+        model, n_cycles, la.n_samples, la._engine_solver(la._system()),
+        estimator="exact" if exact else "paired", tied_cycles=tied, update_noise=fit_noise,
+        update_lengthscale=False, on_cycle=report,
+    )  # fmt: skip
+    la._solve_all(la._Linv(model.theta[None]), model.u_samp)
+    unresolved = hist.unresolved[-1]
+    if la.selection.n_blocks > 1 and bool(unresolved.any()) and n_cycles > (tied or 0):
         blocks = unresolved.nonzero().flatten().tolist()
         why = (
             "have γ ≈ 0: the data do not use them, so the evidence is flat in their "
             "precision (it grows without bound; the predictive is unaffected)"
-            if la.solver == "exact"
+            if exact
             else f"have γ within 3 Monte-Carlo standard errors of zero with "
             f"{la.n_samples} samples: they kept their variance (raise n_samples, or "
             "use prior='scalar')"
         )
         warnings.warn(f"EM: prior block(s) {blocks} {why}", stacklevel=3)
-    la.history = hist
-    return hist
+    la.history = {
+        "prior_precision": [1.0 / v for v in hist.prior_variance],
+        "sigma_noise": [v**0.5 for v in hist.noise_var],
+        "gamma": hist.gamma,
+        "unresolved": hist.unresolved,
+        "residual": [max(a, b) for a, b in zip(hist.mode_residual, hist.sample_residual)],
+        "converged": hist.converged,
+    }
+    return la.history
 
 
 def block_gamma(la) -> BlockGamma:
