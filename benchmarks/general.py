@@ -130,7 +130,7 @@ def worker_ours(cfg: dict) -> dict:
         kind,
         prior="scalar",
         n_samples=cfg["k"],
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator().manual_seed(cfg.get("seed", 0)),
         curvature=cfg.get("curvature", "network"),
     )
     la.fit(trfit)
@@ -247,6 +247,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="batch size (scaling)")
     ap.add_argument("--only", choices=("scores", "scaling"), default=None)
     ap.add_argument(
+        "--seeds", type=int, default=1,
+        help="our side's sample seeds 0..N-1 per data set (mean and sd of the NLL)",
+    )  # fmt: skip
+    ap.add_argument(
         "--tasks",
         default="digits,digits-ml,digits-noisy,diabetes",
         help="score tasks, comma-separated",
@@ -291,8 +295,16 @@ def main() -> None:
             print(f"{task:9s} MAP            {json.dumps(_round(map_s))}")
             cfg = {"task": task, "weights": weights, "k": k, "em": em}
             for curv in ("network",) if task == "diabetes" else ("network", "mode"):
-                res = _run(sys.executable, "ours", {**cfg, "curvature": curv}, args.timeout)
-                print(f"{task:9s} ours EM {curv:8s}{json.dumps(_round(res))}")
+                nlls = []
+                for seed in range(args.seeds):
+                    res = _run(sys.executable, "ours", {**cfg, "curvature": curv, "seed": seed},
+                               args.timeout)  # fmt: skip
+                    nlls.append(res.get("nll", float("nan")))
+                    print(f"{task:9s} ours EM {curv:8s}seed {seed} {json.dumps(_round(res))}")
+                if args.seeds > 1:
+                    t = torch.tensor(nlls, dtype=torch.float64)
+                    print(f"{task:9s} ours EM {curv:8s}NLL over seeds 0-{args.seeds - 1}: "
+                          f"mean {float(t.mean()):.3f} sd {float(t.std()):.3f}")  # fmt: skip
             if lt:
                 res = _run(lt, "lt", cfg, args.timeout)
                 for hs in ("full", "kron"):

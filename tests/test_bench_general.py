@@ -49,3 +49,13 @@ def test_worker_scaling_toy(bench):
     out = bench.worker_ours(cfg)
     assert out["d"] > 0 and out["em_cycle_s"] > 0 and out["peak_rss_mb"] > 0
     assert bench._round({"a": [1.234567, 2]}) == {"a": [1.2346, 2]}
+
+
+def test_worker_seed_is_honoured(bench, tmp_path):
+    """``--seeds`` averages over the sample generator: another seed, other draws."""
+    torch.manual_seed(0)
+    weights = tmp_path / "w.pt"
+    torch.save(bench._make("digits").state_dict(), weights)
+    cfg = {"task": "digits", "weights": str(weights), "k": 2, "em": 1, "n_train": 40}
+    a, b = (bench.worker_ours({**cfg, "seed": s})["nll"] for s in (0, 1))
+    assert a != b
