@@ -491,3 +491,27 @@ def test_exact_estimator_learns_matern_lengthscales():
     assert matern and not torch.allclose(hist.lengthscale[-1][matern], torch.tensor(0.3).double())
     assert after > before
     assert float(g1[matern].abs().max()) < 0.2 * float(g0[matern].abs().max())
+
+
+def test_a_single_block_is_never_frozen_by_an_unresolved_gamma():
+    """One block has no tied scale to fall back on: with γ̂ within its Monte-Carlo error of
+    zero, MacKay's step still moves it (σ² = q/γ, γ clipped at 1) instead of holding the
+    starting variance, which froze front-door EM at λ = 1 on a digits seed."""
+    from dip_uq.laplace.mstep import BlockGamma, mackay_update
+
+    g = BlockGamma(
+        torch.tensor([0.2], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
+    )
+    var_old, q = torch.tensor([1.0], dtype=torch.float64), torch.tensor([4.0], dtype=torch.float64)
+    new, gamma, unresolved, _ = mackay_update(
+        var_old, q, g, torch.tensor([10.0]), tied=False, n_obs=50
+    )
+    assert bool(unresolved[0]) and gamma == 1.0
+    assert float(new[0]) == 4.0  # q / max(γ, 1), not the held 1.0
+    # two blocks: the unresolved one still keeps its variance
+    g2 = BlockGamma(
+        torch.tensor([0.2, 5.0], dtype=torch.float64), torch.tensor([0.5, 0.5], dtype=torch.float64)
+    )
+    new2, *_ = mackay_update(var_old.repeat(2), q.repeat(2), g2, torch.tensor([10.0, 10.0]),
+                             tied=False, n_obs=50)  # fmt: skip
+    assert float(new2[0]) == 1.0 and float(new2[1]) == 0.8

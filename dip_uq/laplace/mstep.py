@@ -84,14 +84,18 @@ def mackay_update(
     estimator's zero-mean noise in poorly determined blocks into a positive bias, and
     γ ≤ rank M ≤ n_obs keeps σ² = r²/(n_obs − γ) finite when unconverged samples overshoot.
     Each γ_b is clipped to [10⁻⁶, d_b] for its own update. ``tied``: one variance
-    Σ q_b / γ for all blocks. A block is unresolved when γ_b ≤ ``margin`` standard errors
-    (exact γ: when γ_b ≤ 0).
+    Σ q_b / γ for all blocks (always so for a single block). With several blocks, a block
+    is unresolved when γ_b ≤ ``margin`` standard errors (exact γ: when γ_b ≤ 0) and keeps
+    its variance.
     """
     d = float(sizes.sum())
     gamma = float(g.gamma.sum().clamp(1.0, float(max(1, min(d, n_obs - 1)))))
     unresolved = g.gamma <= margin * g.se if bool((g.se > 0).any()) else g.gamma <= 0
     gb = torch.minimum(g.gamma.clamp_min(1e-6), sizes)
-    if tied:
+    if tied or var_old.numel() == 1:
+        # one block has no other block to lean on: holding its variance when γ̂ is not
+        # resolved from zero froze EM at its starting prior on some seeds; the total γ,
+        # clipped at 1, bounds the step instead
         new = (q.sum() / gamma).expand_as(var_old)
     else:
         new = torch.where(unresolved, var_old, q / gb)
