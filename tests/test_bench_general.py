@@ -59,3 +59,9 @@ def test_worker_seed_is_honoured(bench, tmp_path):
     cfg = {"task": "digits", "weights": str(weights), "k": 2, "em": 1, "n_train": 40}
     a, b = (bench.worker_ours({**cfg, "seed": s})["nll"] for s in (0, 1))
     assert a != b
+
+
+@pytest.mark.slow
+def test_gamma_spread_runs(bench):
+    out = bench.gamma_spread("digits", k=4)
+    assert out["exact"] > 0 and out["function"][1] > 0 and out["paired"][1] > 0

@@ -436,7 +436,7 @@ class Laplace(nn.Module):
 
         ``"em"`` (scales): sample-based EM, docs/methods.md §3, ``n_steps`` cycles, each one solve for
         θ_lin and the K samples (warm-started; fixed noise) and one statistics pass; MacKay
-        updates σ_b² = ‖θ_lin,b‖²_{Σ_b⁻¹σ_b²}/γ_b with the function-space γ̂_b, and
+        updates σ_b² = ‖θ_lin,b‖²_{Σ_b⁻¹σ_b²}/γ_b (γ̂_b as in docs/laplace.md), and
         σ² = Σ‖y − ŷ_lin‖²/(n·m − γ). ``"marglik"``: maximise :meth:`log_marginal_likelihood`
         (dense, small models) with L-BFGS. Returns the history (also ``self.history``)."""
         self._check_fitted()
