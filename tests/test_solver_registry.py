@@ -226,3 +226,25 @@ def test_pipeline_config_checks_solver_opts_through_the_registry():
     cfg = UQConfig(solver="sgd", solver_opts={"precond": None, "iterations": 5})
     assert cfg.solver_opts == {"precond": None, "iterations": 5}
     assert UQConfig(solver="exact").resolved_estimator == "exact"
+
+
+def test_stream_defaults_live_with_each_solver():
+    """The front door's per-solver defaults come from the solver classes (no name checks
+    elsewhere): softmax cg at tol 1e-3, regression at the engine's; sgd's step from λ̂
+    unless the user gave one; exact none. Every default is a valid option."""
+    from dip_uq.laplace.solvers import solver_class
+
+    class _Sys:  # a stand-in whose λ_max is known
+        device = torch.device("cpu")
+
+        def lambda_max(self, generator=None):
+            return 9.0
+
+    assert solver_class("cg").stream_defaults(_Sys(), True, 3, set()) == {"tol": 1e-3}
+    assert solver_class("cg").stream_defaults(_Sys(), False, 3, set()) == {}
+    sgd = solver_class("sgd").stream_defaults(_Sys(), False, 3, set())
+    assert sgd == {"polyak": True, "iterations": 150, "check_every": 3, "lr": 0.01}
+    assert "lr" not in solver_class("sgd").stream_defaults(_Sys(), False, 3, {"lr"})
+    assert solver_class("exact").stream_defaults(_Sys(), True, 3, set()) == {}
+    for name in ("cg", "sgd", "exact", "sdd"):
+        make_solver(name, **solver_class(name).stream_defaults(_Sys(), True, 2, set()))

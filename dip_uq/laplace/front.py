@@ -38,7 +38,7 @@ from .likelihoods import Categorical, Gaussian, class_probabilities
 from .mstep import BlockGamma
 from .params import all_weights, last_layer_predicate
 from .priors import BlockPrior
-from .solvers import Noise, Solver, SolverResult, make_solver
+from .solvers import Noise, Solver, SolverResult, make_solver, solver_class
 from .solvers.exact import robust_cholesky
 from .streaming import StreamingSystem
 
@@ -186,6 +186,11 @@ class Laplace(nn.Module):
         """λ_b = 1/σ_b² per block ``(n_blocks,)`` (in w coordinates for the g-prior)."""
         return 1.0 / self.prior.variances().detach()
 
+    @property
+    def _exact_traces(self) -> bool:
+        """Whether the solver has exact (dense) traces: EM then uses exact γ."""
+        return solver_class(self.solver).exact_traces
+
     def _noise_var(self) -> float:
         return float(self.lik.noise_var) if self.kind == "gaussian" else 1.0
 
@@ -304,19 +309,11 @@ class Laplace(nn.Module):
         """The registered solver with the front door's defaults and ``solver_opts``; the
         exact one holds its dense factors, cached while the hyperparameters are unchanged
         (the Newton steps for θ_lin and the sample solve of one EM cycle share them)."""
-        base = {}
-        if self.solver == "cg" and self.kind == "categorical":
-            base = {"tol": 1e-3}  # Newton's line search absorbs inexact steps (docs/laplace.md)
-        if self.solver == "sgd":
-            nb = max(int(self.n_batches or 1), 1)
-            base = {"polyak": True, "iterations": 50 * nb, "check_every": nb}
-            if "lr" not in self.solver_opts:
-                # minibatch noise sets a floor ∝ lr under a constant step: a tenth of the
-                # full-batch step 1/(λ̂ + 1), with momentum 0.9 an effective step of 1/(λ̂ + 1)
-                lam = system.lambda_max(generator=torch.Generator(system.device).manual_seed(0))
-                base["lr"] = 0.1 / (lam + 1.0)
+        base = solver_class(self.solver).stream_defaults(
+            system, self.kind == "categorical", self.n_batches, set(self.solver_opts)
+        )
         solver = make_solver(self.solver, **{**base, **self.solver_opts})
-        if self.solver != "exact":
+        if not solver.exact_traces:  # only the dense factors are worth caching
             return solver
         std = self._coord_std().detach()
         key = (self._noise_var(), self._curv_version)
@@ -397,7 +394,7 @@ class Laplace(nn.Module):
     def _solve_all(self, u_mode=None, u_samp=None) -> tuple[SolverResult, SolverResult]:
         """θ_lin and K samples at the current hyperparameters (warm-started in u)."""
         system = self._system()
-        if self.kind == "gaussian" and self.solver != "exact":
+        if self.kind == "gaussian":
             b = self._sample_rhs(self.xi, self.noise_t)
             # one solve for the mode and the K samples together (same matrix P)
             c, _ = system.target_t()

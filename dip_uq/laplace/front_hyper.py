@@ -87,7 +87,7 @@ def _estimator(la) -> str:
     function-space mean ‖G z‖² (one more pass; its Monte-Carlo error is 1.5-4× smaller
     than the paired one's for a scalar prior on the digits MLPs, benchmarks/README.md);
     several blocks: the paired estimate, by far the most precise per block."""
-    if la.solver == "exact":
+    if la._exact_traces:
         return "exact"
     return "function" if la.selection.n_blocks == 1 else "paired"
 
@@ -101,7 +101,7 @@ def run_em(la, n_cycles, fit_noise, tied, verbose) -> dict[str, list]:
     if n_cycles < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_cycles}")
     model = StreamedEM(la)
-    exact = la.solver == "exact"
+    exact = la._exact_traces
 
     def report(state: dict) -> None:
         model.u_samp = (state["sample_init"] or [model.u_samp])[0]
@@ -144,7 +144,7 @@ def run_em(la, n_cycles, fit_noise, tied, verbose) -> dict[str, list]:
 def block_gamma(la) -> BlockGamma:
     """γ_b at the current hyperparameters: exact from the dense factor (solver='exact'),
     else the paired estimate from the fit's prior draws ξ and whitened samples u."""
-    if la.solver == "exact":
+    if la._exact_traces:
         return exact_gamma_from_precision(la._dense_chol(), la.selection.block_sum)
     u = la._Linv(la.samples)
     return paired_block_gamma(la.xi, u, la.selection.block_sum)

@@ -240,6 +240,14 @@ class Solver:
         """Exact effective dimension per block (only when :attr:`exact_traces`)."""
         raise NotImplementedError(f"solver {self.name!r} has no exact traces; use 'exact'")
 
+    @classmethod
+    def stream_defaults(
+        cls, system: Any, categorical: bool, n_batches: int, given: Any
+    ) -> dict[str, Any]:
+        """Option defaults on a streamed source (the front door), under the user's options
+        (names in ``given``); ``n_batches`` batches per pass over the loader."""
+        return {}
+
 
 SOLVERS: dict[str, type[Solver]] = {}
 
@@ -363,6 +371,18 @@ class SGDSolver(Solver):
         """u = L⁻¹z under ``prior`` (the whitened coordinates sgd iterates in)."""
         return prior.sqrt_inv_mv(z).detach()
 
+    @classmethod
+    def stream_defaults(cls, system, categorical, n_batches, given) -> dict[str, Any]:
+        """Polyak averaging, 50 epochs checked once per epoch and, unless given, step
+        0.1/(λ̂ + 1): minibatch noise sets a floor ∝ lr under a constant step, and a tenth of
+        the full-batch step with momentum 0.9 is an effective step of 1/(λ̂ + 1)."""
+        nb = max(int(n_batches or 1), 1)
+        out: dict[str, Any] = {"polyak": True, "iterations": 50 * nb, "check_every": nb}
+        if "lr" not in given:
+            lam = system.lambda_max(generator=torch.Generator(system.device).manual_seed(0))
+            out["lr"] = 0.1 / (lam + 1.0)
+        return out
+
 
 @dataclass(frozen=True)
 class CGOptions(_Options):
@@ -389,6 +409,12 @@ class CGSolver(Solver):
 
     name = "cg"
     Options = CGOptions
+
+    @classmethod
+    def stream_defaults(cls, system, categorical, n_batches, given) -> dict[str, Any]:
+        """Softmax: tol 1e-3 per right-hand side (Newton's line search absorbs inexact
+        steps; docs/laplace.md); regression keeps 1e-6, which EM's σ² needs."""
+        return {"tol": 1e-3} if categorical else {}
 
     @staticmethod
     def function() -> Callable[..., SolverResult]:
