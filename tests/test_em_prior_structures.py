@@ -44,6 +44,7 @@ def _fit(net, loader, kind, prior, solver, method, n_samples=256):
         prior=prior,
         solver=solver,
         n_samples=n_samples,
+        curvature="network",
         generator=torch.Generator().manual_seed(1),
     )
     la.fit(loader)

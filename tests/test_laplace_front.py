@@ -39,7 +39,15 @@ def _gen(seed=0):
 def test_streamed_curvature_matches_engine(kind):
     """Dense M = Σ_n J_nᵀ B_n J_n from minibatch passes equals the full-batch engine's GᵀG."""
     net, x, y, loader = _toy(kind, n_out=3)
-    la = Laplace(net, kind, solver="exact", n_samples=4, sigma_noise=0.5, generator=_gen())
+    la = Laplace(
+        net,
+        kind,
+        solver="exact",
+        n_samples=4,
+        sigma_noise=0.5,
+        generator=_gen(),
+        curvature="network",
+    )
     la.fit(loader, solve=False)
     M = la._dense_M()["M"]
     if kind == "regression":
@@ -57,7 +65,15 @@ def test_sampled_predictive_matches_exact(kind):
     diag J(x) H⁻¹ J(x)ᵀ (relative sd of a K-sample variance estimate is sqrt(2/K))."""
     net, x, y, loader = _toy(kind, n_out=3)
     k = 1500
-    la = Laplace(net, kind, n_samples=k, prior_precision=2.0, sigma_noise=0.5, generator=_gen(1))
+    la = Laplace(
+        net,
+        kind,
+        n_samples=k,
+        prior_precision=2.0,
+        sigma_noise=0.5,
+        generator=_gen(1),
+        curvature="network",
+    )
     la.fit(loader)
     xt = torch.randn(6, 3, generator=_gen(2))
     exact = la.exact_functional_variance(xt)
@@ -87,7 +103,13 @@ def test_streaming_solvers_match_exact_draw_by_draw(solver, tol):
     net, x, y, loader = _toy("classification", n_out=3)
     opts = {"tol": 1e-5} if solver == "cg" else {"iterations": 80 * len(loader)}
     la = Laplace(
-        net, "classification", n_samples=8, solver=solver, solver_opts=opts, generator=_gen(3)
+        net,
+        "classification",
+        n_samples=8,
+        solver=solver,
+        solver_opts=opts,
+        generator=_gen(3),
+        curvature="network",
     )
     la.fit(loader)
     b = la._sample_rhs(la.xi, la.noise_t).double()
@@ -130,7 +152,7 @@ def test_probit_and_mc_agree_on_well_specified_data():
     x = torch.randn(400, 2, generator=g)
     with torch.no_grad():
         y = torch.distributions.Categorical(logits=net(x)).sample()
-    la = Laplace(net, "classification", n_samples=2000, generator=g)
+    la = Laplace(net, "classification", n_samples=2000, generator=g, curvature="network")
     la.fit(DataLoader(TensorDataset(x, y), batch_size=100))
     la.optimize_prior_precision("em", n_steps=3)
     xt = torch.randn(20, 2, generator=g)
@@ -142,7 +164,7 @@ def test_probit_and_mc_agree_on_well_specified_data():
 
 def test_em_improves_digits_nll_over_fixed_prior():
     """Held-out digits: EM beats an arbitrary fixed prior precision (λ = 1e-2) in test NLL.
-    (With the default curvature at the network's logits the evidence-optimal posterior is not
+    (With the curvature at the network's logits the evidence-optimal posterior is not
     better than this MAP network itself; test_laplace_mode_curvature.py has the clean-digits
     case where EM beats the MAP, and docs/laplace.md the diagnosis.)"""
     tr, trfit, (xt, yt) = digits_loaders(100, n_train=300)
@@ -155,6 +177,7 @@ def test_em_improves_digits_nll_over_fixed_prior():
         prior_precision=1e-2,
         n_samples=16,
         generator=_gen(6),
+        curvature="network",
         newton_steps=2,
         solver_opts={"tol": 1e-2, "iterations": 40},
     )
@@ -180,7 +203,9 @@ def test_em_improves_over_map_on_noisy_digits():
     net = train(MLP(64, 10, (16,)), tr, "ce", epochs=100)
     with torch.no_grad():
         nll_map = metrics.classification_nll(torch.softmax(net(xt), -1), yt)
-    la = Laplace(net, "classification", prior="scalar", solver="exact", n_samples=16)
+    la = Laplace(
+        net, "classification", prior="scalar", solver="exact", n_samples=16, curvature="network"
+    )
     la.fit(trfit, generator=_gen(11))
     la.optimize_prior_precision("em", n_steps=4)
     nll_em = metrics.classification_nll(la(xt, link_approx="probit"), yt)

@@ -44,7 +44,7 @@ def _engine(net, x, y, kind):
 def _front(net, x, y, kind, solver, opts, batch_size, n_samples=6, seed=7):
     la = Laplace(
         net, kind, prior="layerwise", prior_precision=1 / VAR, sigma_noise=NOISE_VAR**0.5,
-        n_samples=n_samples, solver=solver, solver_opts=opts,
+        n_samples=n_samples, solver=solver, solver_opts=opts, curvature="network",
         generator=torch.Generator().manual_seed(seed),
     )  # fmt: skip
     return la.fit(DataLoader(TensorDataset(x, y), batch_size=batch_size))
