@@ -61,7 +61,8 @@ class EMHistory:
     iterations: list[tuple[int, int]] = field(default_factory=list)  # (mode, samples) per cycle
     #: σ² step per cycle: "mackay" (r²/(n_obs − γ̂)) or "floored" (denominator at its floor)
     noise_update: list[str] = field(default_factory=list)
-    #: blocks whose γ_b was not resolved from zero (they kept their variance) per cycle
+    #: blocks whose γ_b was not resolved from zero, per cycle (with several blocks they kept
+    #: their variance)
     unresolved: list[torch.Tensor] = field(default_factory=list)
     #: the solver's :attr:`~dip_uq.laplace.solvers.Solver.refreshable` of the last cycle
     #: (cg's preconditioner, with ``refresh_preconditioner``), for reuse
@@ -72,7 +73,9 @@ class EMModel(Protocol):
     """What :func:`fit_em` needs from a posterior; both doors provide one.
 
     ``prior`` is the :class:`~dip_uq.laplace.priors.BlockPrior` EM updates in place;
-    ``noise_var`` the likelihood's σ² (1.0 without one)."""
+    ``noise_var`` the likelihood's σ² (1.0 without one). The system a cycle's :meth:`mode`
+    returns is the next cycle's (it references the prior and likelihood, so it follows their
+    updates). Optional ``warm_starts()`` → (mode init, [sample init]) for a fresh start."""
 
     prior: object
     noise_var: float
@@ -205,7 +208,6 @@ def fit_em(
     sampling.update(generator=generator, need_moments=need_moments)
 
     for _cycle in range(first, n_cycles):
-        system = model.system()
         # one preconditioner (exact: dense factors) per cycle for the mode and sample solves;
         # its default probes are fixed-seed: the one each solve would build, same results
         if refresh_preconditioner:
